@@ -1,0 +1,172 @@
+"""Recipe steps: a validated config plus ``apply(unit)``, and the registry that names them.
+
+A step works on one :class:`~lowbit.pipeline.unit.Unit` at a time (a transformer block, or the
+model's head). Transform steps change weights without quantizing them (scales, rotations);
+quantizer steps choose codes and commit them with :meth:`Unit.commit`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator
+
+from ..formats import FormatSpec, make_format
+
+if TYPE_CHECKING:
+    from ..pipeline.unit import Unit
+
+
+class StepConfig(BaseModel):
+    """Options every step has.
+
+    Attributes:
+        targets: layers to work on, as full module names, globs (``*mlp*``) or regular
+            expressions prefixed with ``re:``; a bare name also matches as a dotted suffix
+            (``q_proj`` matches ``model.layers.0.self_attn.q_proj``).
+        ignore: layers to leave alone, same syntax. The output projection is skipped by default.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    targets: list[str] = ["*"]
+    ignore: list[str] = ["lm_head"]
+
+    @field_validator("targets", "ignore", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _check_patterns(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as exc:
+                    raise ValueError(f"bad regular expression {pattern!r}: {exc}") from None
+        return v
+
+    def selects(self, name: str) -> bool:
+        return any(match_name(name, p) for p in self.targets) and not any(match_name(name, p) for p in self.ignore)
+
+
+def match_name(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern) or fnmatch.fnmatchcase(name, pattern)
+
+
+class WeightQuantConfig(StepConfig):
+    """Options of a step that quantizes weights.
+
+    Attributes:
+        format: a format name (``int4``, ``nf4``, ``fp4``, ``mxfp4``, ``nvfp4`` ...; see
+            ``lowbit.formats.format_names()``) or a full format spec as a mapping.
+        bits, group_size, symmetric, clip: overrides of the format's fields (``group_size=-1``:
+            per output channel).
+    """
+
+    format: str | FormatSpec = "int4"
+    bits: int | None = None
+    group_size: int | None = None
+    symmetric: bool | None = None
+    clip: str | None = None
+    _spec: FormatSpec | None = PrivateAttr(default=None)
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _format(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return make_format(v)
+        return v
+
+    def model_post_init(self, __context: Any) -> None:
+        self._spec = make_format(
+            self.format, bits=self.bits, group_size=self.group_size, symmetric=self.symmetric, clip=self.clip
+        )
+
+    @property
+    def spec(self) -> FormatSpec:
+        return self._spec
+
+
+class Step:
+    """Base class of recipe steps. Subclasses set ``name``, ``Config`` and implement ``apply``."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[StepConfig]] = StepConfig
+    #: the step reads activations captured from calibration data
+    needs_calibration: ClassVar[bool] = False
+    #: the step commits quantized weights (rather than only transforming them)
+    quantizes_weights: ClassVar[bool] = False
+
+    def __init__(self, config: StepConfig | dict[str, Any] | None = None, **kwargs: Any):
+        if config is not None and kwargs:
+            raise TypeError("pass either a config object or keyword arguments, not both")
+        if isinstance(config, StepConfig):
+            if not isinstance(config, self.Config):
+                raise TypeError(f"{self.name} takes a {self.Config.__name__}, got {type(config).__name__}")
+            self.config = config
+        else:
+            self.config = validate_config(self.Config, config if config is not None else kwargs, self.name)
+        #: set by the pipeline: a later step of the recipe quantizes the same layers
+        self.followed_by_quantizer = False
+
+    def apply(self, unit: Unit) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Called once after the last unit (for steps that keep state across blocks)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {self.name: self.config.model_dump(mode="json", exclude_defaults=True)}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+
+def validate_config(cls: type[StepConfig], data: dict[str, Any], step: str) -> StepConfig:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise StepConfigError(step, exc) from None
+    except ValueError as exc:  # raised by model_post_init (format building)
+        raise StepConfigError(step, exc) from None
+
+
+class StepConfigError(ValueError):
+    """A step's configuration is invalid; the message names the step and the field."""
+
+    def __init__(self, step: str, exc: Exception):
+        if isinstance(exc, ValidationError):
+            parts = []
+            for err in exc.errors():
+                loc = ".".join(str(p) for p in err["loc"]) or "config"
+                parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
+            detail = "; ".join(parts)
+        else:
+            detail = str(exc)
+        super().__init__(f"step {step!r}: {detail}")
+
+
+STEPS: dict[str, type[Step]] = {}
+
+
+def register_step(cls: type[Step]) -> type[Step]:
+    """Class decorator that makes a step available to recipes under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in STEPS and STEPS[cls.name] is not cls:
+        raise ValueError(f"a step named {cls.name!r} is already registered ({STEPS[cls.name].__name__})")
+    STEPS[cls.name] = cls
+    return cls
+
+
+def build_step(name: str, config: dict[str, Any] | None = None) -> Step:
+    if name not in STEPS:
+        raise ValueError(f"unknown step {name!r}; known steps: {', '.join(sorted(STEPS))}")
+    return STEPS[name](config or {})

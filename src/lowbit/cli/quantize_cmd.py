@@ -1,0 +1,95 @@
+"""``lowbit quantize MODEL --method rtn --bits 4 --group-size 128 --out OUT``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from rich.console import Console
+
+from ..algorithms import STEPS
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a model and save it", description=__doc__)
+    p.add_argument("model", help="built-in model name (see `lowbit models`), model directory or hub id")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.add_argument("--method", default="rtn", help=f"method, or methods joined by '+' (e.g. awq+gptq); one of {', '.join(sorted(STEPS))}")
+    p.add_argument("--format", default="int", help="number format: int, fp8, fp6, fp4, mxfp4, mxfp8, nvfp4, nf4, binary, ternary ...")
+    p.add_argument("--bits", type=int, default=None, help="bits per code for integer formats (default 4)")
+    p.add_argument("--group-size", type=int, default=None, help="elements per scale group; -1: per output channel; 0: per tensor")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None, help="no zero-point")
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="with a zero-point per group")
+    p.add_argument("--clip", choices=["minmax", "mse"], default=None, help="clipping rule for scales")
+    p.add_argument("--recipe", default=None, help="YAML recipe file (replaces --method/--format/...)")
+    p.add_argument("--ignore", action="append", default=None, help="layer name pattern to skip (repeatable; default lm_head)")
+    p.add_argument("--calibration", default="builtin", help="calibration data: builtin, a text file, or hf:DATASET[:SPLIT]")
+    p.add_argument("--n-samples", type=int, default=128, help="calibration sequences")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass")
+    p.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default=None, help="dtype of saved weights (default: the input checkpoint's)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--allow-nonfinite", action="store_true", help="replace NaN/Inf weights by 0 instead of refusing")
+    p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    p.set_defaults(run=run)
+
+
+def build_recipe(args: argparse.Namespace):
+    from ..recipe import Recipe, as_recipe
+
+    if args.recipe:
+        return Recipe.from_yaml(args.recipe)
+    methods = [m.strip() for m in args.method.split("+") if m.strip()]
+    if not methods:
+        raise ValueError(f"--method {args.method!r} names no method")
+    steps = []
+    for method in methods:
+        if method not in STEPS:
+            raise ValueError(f"--method: unknown method {method!r}; known: {', '.join(sorted(STEPS))}")
+        config: dict = {"format": args.format}
+        for key in ("bits", "group_size", "symmetric", "clip"):
+            if getattr(args, key) is not None:
+                config[key] = getattr(args, key)
+        if args.ignore is not None:
+            config["ignore"] = args.ignore
+        steps.append({method: config})
+    return as_recipe(steps)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..api import quantize
+    from ..export import check_output_dir
+    from ..models import load_model
+
+    check_output_dir(args.out, args.overwrite)
+    for name in ("n_samples", "seq_len", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    recipe = build_recipe(args)
+    loaded = load_model(args.model)
+    result = quantize(
+        loaded,
+        recipe,
+        calibration=args.calibration if recipe.needs_calibration else None,
+        n_samples=args.n_samples,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        device=args.device,
+        batch_size=args.batch_size,
+        allow_nonfinite=args.allow_nonfinite,
+        progress=not args.json,
+    )
+    dtype = getattr(torch, args.save_dtype) if args.save_dtype else None
+    out = result.save(args.out, overwrite=args.overwrite, dtype=dtype)
+    if args.json:
+        print(json.dumps({"out": str(out), **result.report.to_dict()}, indent=2))
+    else:
+        console = Console()
+        console.print(result.report.table())
+        console.print(f"saved to [bold]{out}[/bold]")
+    return 0

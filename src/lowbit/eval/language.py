@@ -1,0 +1,97 @@
+"""Perplexity of a causal LM, and its divergence from a reference (full-precision) model.
+
+Both stream over sliding windows: only one batch of logits is alive at a time, so memory does not
+grow with the corpus.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..calibration import builtin_text_path
+from ..pipeline.progress import ProgressReporter
+from .windows import sliding_windows
+
+
+@dataclass
+class LanguageEval:
+    tokens: int
+    ppl: float
+    ppl_reference: float | None = None
+    kl: float | None = None
+    top1_agreement: float | None = None
+    context: int = 0
+    stride: int = 0
+
+    def to_dict(self) -> dict:
+        d = {"tokens": self.tokens, "ppl": self.ppl, "context": self.context, "stride": self.stride}
+        if self.kl is not None:
+            d.update(ppl_reference=self.ppl_reference, kl=self.kl, top1_agreement=self.top1_agreement)
+        return d
+
+
+def tokenize_text(tokenizer, text: str | None = None, path: str | None = None, max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids of ``text``, of the file ``path``, or of the built-in held-out text."""
+    if text is None:
+        source = path or builtin_text_path("heldout")
+        try:
+            with open(source, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError as exc:
+            raise FileNotFoundError(f"cannot read evaluation text {source}: {exc.strerror}") from None
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    return ids
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def evaluate_language(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    reference: nn.Module | None = None,
+    context: int = 512,
+    stride: int = 256,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> LanguageEval:
+    """Perplexity of ``model`` on ``input_ids``; with ``reference``, also mean KL(reference || model)
+    per scored token, top-1 agreement of next-token predictions, and the reference's perplexity."""
+    nll = nll_ref = kl = 0.0
+    agree = count = 0
+    windows = list(sliding_windows(input_ids, context, stride, batch_size))
+    with ProgressReporter(progress, total=len(windows), description="evaluating") as bar:
+        for w in windows:
+            logp = _log_probs(model, w.input_ids)
+            targets = w.input_ids[:, 1:].to(logp.device)
+            mask = w.score_mask[:, :-1].to(logp.device)
+            lp = logp[:, :-1][mask]  # [n, V]
+            tgt = targets[mask]
+            nll += -lp.gather(-1, tgt[:, None]).sum().item()
+            count += int(mask.sum())
+            if reference is not None:
+                ref = _log_probs(reference, w.input_ids).to(lp.device)[:, :-1][mask]
+                nll_ref += -ref.gather(-1, tgt[:, None]).sum().item()
+                kl += F.kl_div(lp, ref, log_target=True, reduction="sum").item()
+                agree += int((lp.argmax(-1) == ref.argmax(-1)).sum())
+            bar.advance()
+    result = LanguageEval(tokens=count, ppl=math.exp(nll / count), context=context, stride=stride)
+    if reference is not None:
+        result.ppl_reference = math.exp(nll_ref / count)
+        result.kl = kl / count
+        result.top1_agreement = agree / count
+    return result
+
+
+def _log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids=ids.to(_device_of(model)), use_cache=False)
+    return torch.log_softmax(out.logits.float(), dim=-1)

