@@ -219,7 +219,9 @@ class Quantizer:
         scale = p.effective_scale()
         if self.table is None:
             zero = p.zero if p.zero is not None else float(1 << (self.spec.bits - 1))
-            return torch.clamp(torch.round(x / scale) + zero, 0, self.qmax).to(torch.uint8)
+            # round(x/s + z), not round(x/s) + z: the same for integer zero-points, and right for
+            # the fractional ones HQQ produces
+            return torch.clamp(torch.round(x / scale + zero), 0, self.qmax).to(torch.uint8)
         return self.table.encode(x / scale)
 
     def decode(self, codes: torch.Tensor, p: QParams) -> torch.Tensor:

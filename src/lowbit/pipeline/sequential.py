@@ -232,6 +232,7 @@ def run_pipeline(
                 inputs=inputs,
                 forward=_block_forward(block),
                 device=device,
+                norm_offset=adapter.arch.norm_offset,
             )
             fp_outputs = unit.run() if inputs is not None and options.propagate == "fp" else None
             for step in steps:

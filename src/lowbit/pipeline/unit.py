@@ -88,6 +88,7 @@ class Unit:
         inputs: BlockInputs | None,
         forward: ForwardFn,
         device: torch.device,
+        norm_offset: float = 0.0,
     ):
         self.name = name
         self.index = index
@@ -98,6 +99,8 @@ class Unit:
         self.inputs = inputs
         self._forward = forward
         self.device = device
+        #: norms of this model compute ``x * (norm_offset + weight)`` (Gemma: 1)
+        self.norm_offset = norm_offset
         self._prefix = name + "." if name else ""
 
     # ------------------------------------------------------------------ selection
@@ -162,6 +165,12 @@ class Unit:
         finally:
             for handle in handles:
                 handle.remove()
+
+    def capture_inputs(self, module: nn.Module) -> list[torch.Tensor]:
+        """The input of ``module`` for every calibration batch (on the unit's device)."""
+        xs: list[torch.Tensor] = []
+        self.collect({"_": module}, lambda _n, x: xs.append(x.detach()))
+        return xs
 
     @torch.no_grad()
     def capture_calls(self, module: nn.Module) -> list[tuple[tuple, dict]]:

@@ -1,0 +1,267 @@
+"""GPTQ (Frantar et al., 2023): quantize columns one at a time, pushing each column's error onto
+the columns not yet quantized through the inverse Hessian of the layer inputs.
+
+Faithful to the paper's algorithm: Hessian ``H = 2 X X^T``; dampening by a fraction of the mean
+diagonal; the upper Cholesky factor of ``H^-1``; lazy batch updates in blocks of ``block_size``
+columns; optional act-order (columns by descending ``diag(H)``) with or without static groups.
+Any :class:`~lowbit.formats.Quantizer` serves as the grid (INT, FP4, NF4, MX ...), because the
+algorithm only needs "parameters for a group" and "round one column with them".
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..formats import QParams, QuantizedTensor, Quantizer
+from ..models import weight_of
+from .base import Step, WeightQuantConfig, register_step
+from .hessian import HessianAccumulator, output_error
+
+log = logging.getLogger(__name__)
+
+
+class GPTQConfig(WeightQuantConfig):
+    """GPTQ options (besides the format).
+
+    Attributes:
+        block_size: columns per lazy batch update.
+        dampening: added to ``diag(H)`` as a fraction of its mean (the paper's ``percdamp``).
+        act_order: quantize columns in order of decreasing ``diag(H)``.
+        static_groups: with act-order, compute every group's parameters up front from the
+            original weights, so groups stay contiguous (no ``g_idx`` needed at inference).
+        true_sequential: within a block, quantize layer groups in execution order (q/k/v, then o,
+            then gate/up, then down), collecting each group's inputs after the earlier ones were
+            quantized.
+        damping_retries: when ``H`` is not positive definite, multiply the dampening by 10 up
+            to this many times before falling back to RTN for that layer.
+    """
+
+    block_size: int = 128
+    dampening: float = 0.01
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    damping_retries: int = 4
+
+
+@dataclass
+class GPTQResult:
+    qtensor: QuantizedTensor
+    dequantized: torch.Tensor
+    dampening: float
+
+
+class HessianNotPositiveDefinite(RuntimeError):
+    pass
+
+
+def _inverse_cholesky(H: torch.Tensor, dampening: float, retries: int) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp I)^-1``, raising the damping until it exists."""
+    mean_diag = torch.mean(torch.diag(H))
+    damp = dampening
+    for attempt in range(retries + 1):
+        Hd = H.clone()
+        Hd.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0 and torch.isfinite(U).all():
+                return U, damp
+        if attempt < retries:
+            log.info("Hessian not positive definite with dampening %.3g; retrying with %.3g", damp, damp * 10)
+            damp *= 10
+    raise HessianNotPositiveDefinite(f"Hessian not positive definite even with dampening {damp:.3g}")
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    H: torch.Tensor,
+    quantizer: Quantizer,
+    block_size: int = 128,
+    dampening: float = 0.01,
+    act_order: bool = False,
+    static_groups: bool = False,
+    damping_retries: int = 4,
+) -> GPTQResult:
+    """Quantize ``weight`` (``[out, in]``) given the input Hessian ``H`` (``[in, in]``)."""
+    W = weight.detach().clone().float()
+    H = H.detach().clone().to(W.device, torch.float32)
+    rows, cols = W.shape
+    spec = quantizer.spec
+    gs = quantizer.group_size_for(cols) if spec.granularity == "group" else None
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0  # inputs that are always zero: their weights never matter (as the reference does)
+
+    global_scale = quantizer.global_scale_for(W)
+    if gs is None:  # one set of parameters for the whole row (or tensor), from the original weights
+        fixed = quantizer.find_params(quantizer.group_view(W), global_scale)
+    elif static_groups:
+        fixed = quantizer.find_params(quantizer.group_view(W), global_scale)
+    else:
+        fixed = None
+
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    U, damp_used = _inverse_cholesky(H, dampening, damping_retries)
+
+    n_groups = cols // gs if gs else 1
+    scale = torch.zeros(rows if spec.granularity != "tensor" else 1, n_groups, device=W.device)
+    zero = torch.zeros_like(scale) if spec.has_zero_point else None
+    codes = torch.zeros(rows, cols, dtype=torch.uint8, device=W.device)
+    Q = torch.zeros_like(W)
+    group_of_col = torch.zeros(cols, dtype=torch.long, device=W.device)
+    current: QParams | None = None
+
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if gs is None:
+                p, g = fixed, 0
+            elif fixed is not None:  # static groups: the column's own (original-order) group
+                g = int(perm[col]) // gs if perm is not None else col // gs
+                p = fixed.select(slice(g, g + 1))
+            else:
+                g = col // gs
+                if col % gs == 0:  # a new group: parameters from the current, already-updated weights
+                    window = W1[:, i : i + gs]
+                    if window.shape[1] < gs:
+                        window = torch.cat([window, W[:, i2 : col + gs]], dim=1)
+                    current = quantizer.find_params(window.unsqueeze(1), global_scale)
+                    scale[:, g] = current.scale[:, 0, 0]
+                    if zero is not None:
+                        zero[:, g] = current.zero[:, 0, 0]
+                p = current
+            group_of_col[col] = g
+            w = W1[:, i]
+            colp = QParams(p.scale[:, 0], None if p.zero is None else p.zero[:, 0], p.global_scale)
+            c = quantizer.encode(w.unsqueeze(1), colp)
+            q = quantizer.decode(c, colp)[:, 0]
+            codes[:, col] = c[:, 0]
+            Q[:, col] = q
+            err = (w - q) / U1[i, i]
+            W1[:, i:].addr_(err, U1[i, i:], alpha=-1.0)
+            Err1[:, i] = err
+        W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+
+    if fixed is not None:
+        scale = fixed.scale[..., 0]
+        zero = None if fixed.zero is None else fixed.zero[..., 0]
+    g_idx = None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        Q, codes = Q[:, inv], codes[:, inv]
+        if gs is not None and not static_groups:
+            g_idx = group_of_col[inv].to(torch.int32)
+    qtensor = QuantizedTensor(
+        codes=codes,
+        scale=scale,
+        zero=zero,
+        global_scale=global_scale,
+        spec=spec,
+        shape=tuple(weight.shape),
+        g_idx=g_idx,
+    )
+    return GPTQResult(qtensor, Q, damp_used)
+
+
+def layer_subsets(unit, selected: dict[str, nn.Module], sequential: bool) -> list[list[list[str]]]:
+    """Selected layers as execution-ordered subsets; each subset is a list of input-sharing groups."""
+    if not sequential:
+        return [[[n] for n in selected]]
+    subsets, placed = [], set()
+    for group in unit.groups:
+        names = [unit.full_name(rel) for rel in group.linears if unit.full_name(rel) in selected]
+        if names:
+            subsets.append([names])
+            placed.update(names)
+    rest = [[n] for n in selected if n not in placed]
+    if rest:
+        subsets.append(rest)
+    return subsets
+
+
+@register_step
+class GPTQ(Step):
+    """GPTQ weight quantization (needs calibration data)."""
+
+    name = "gptq"
+    Config = GPTQConfig
+    needs_calibration = True
+    quantizes_weights = True
+
+    def apply(self, unit) -> None:
+        cfg: GPTQConfig = self.config
+        quantizer = Quantizer(cfg.spec)
+        selected = unit.select(cfg)
+        if not selected:
+            return
+        if not unit.has_calibration:
+            self._fallback(unit, selected, quantizer, "no calibration inputs reach this layer")
+            return
+        for subset in layer_subsets(unit, selected, cfg.true_sequential):
+            # Layers that share an input share one Hessian: hook only the first of each group.
+            accumulators = {}
+            leaders = {}
+            for names in subset:
+                first = names[0]
+                accumulators[first] = HessianAccumulator(weight_of(selected[first]).shape[1], unit.device)
+                leaders[first] = selected[first]
+            unit.collect(leaders, lambda n, x: accumulators[n].add(x))
+            for names in subset:
+                acc = accumulators[names[0]]
+                for name in names:
+                    self._quantize_layer(unit, name, selected[name], acc, quantizer)
+
+    def _quantize_layer(self, unit, name: str, module: nn.Module, acc: HessianAccumulator, quantizer: Quantizer) -> None:
+        cfg: GPTQConfig = self.config
+        if acc.tokens == 0:
+            self._fallback(unit, {name: module}, quantizer, "layer saw no calibration tokens")
+            return
+        start = time.perf_counter()
+        W = weight_of(module).detach().float().to(acc.H.device)
+        try:
+            res = gptq_quantize(
+                W, acc.H, quantizer, cfg.block_size, cfg.dampening, cfg.act_order, cfg.static_groups, cfg.damping_retries
+            )
+        except HessianNotPositiveDefinite as exc:
+            log.warning("%s: %s; falling back to RTN", name, exc)
+            self._fallback(unit, {name: module}, quantizer, "Hessian not positive definite")
+            return
+        if not torch.isfinite(res.dequantized).all():
+            log.warning("%s: GPTQ produced non-finite weights; falling back to RTN", name)
+            self._fallback(unit, {name: module}, quantizer, "non-finite GPTQ result")
+            return
+        rtn = quantizer.dequantize(quantizer.quantize(W))
+        base = output_error(W, acc.H)
+        note = f"damp {res.dampening:g}" if res.dampening != cfg.dampening else ""
+        unit.commit(
+            name,
+            module,
+            res.qtensor,
+            self.name,
+            seconds=time.perf_counter() - start,
+            output_error=output_error(W - res.dequantized, acc.H) / max(base, 1e-30),
+            output_error_rtn=output_error(W - rtn, acc.H) / max(base, 1e-30),
+            note=note,
+        )
+
+    def _fallback(self, unit, layers: dict[str, nn.Module], quantizer: Quantizer, reason: str) -> None:
+        for name, module in layers.items():
+            start = time.perf_counter()
+            log.warning("%s: %s; using RTN", name, reason)
+            qt = quantizer.quantize(weight_of(module).detach().float())
+            unit.commit(name, module, qt, "rtn", seconds=time.perf_counter() - start, note=f"GPTQ fallback: {reason}")
