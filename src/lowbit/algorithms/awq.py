@@ -39,6 +39,8 @@ class AWQConfig(WeightQuantConfig):
         clip_skip: layer-name patterns whose weights are not clipped (query/key projections,
             whose errors the softmax amplifies).
         max_tokens: calibration tokens used per group for the searches (subsampled, seeded).
+        quantize: round the weights after scaling and clipping. ``False`` (or a later quantizer
+            step on the same layers, e.g. AWQ then GPTQ) leaves them in full precision.
     """
 
     grid: int = Field(20, ge=1)
@@ -48,6 +50,7 @@ class AWQConfig(WeightQuantConfig):
     clip_max_shrink: float = Field(0.5, gt=0.0, lt=1.0)
     clip_skip: list[str] = ["q_proj", "k_proj", "query", "key"]
     max_tokens: int = Field(65536, ge=16)
+    quantize: bool = True
 
 
 @register_step
@@ -90,8 +93,8 @@ class AWQ(Step):
                 if cfg.clip_search and not any(match_name(n, p) for p in cfg.clip_skip):
                     self._clip(m, x / s, quantizer)
                 records[n] = {"H": H, "orig": originals[n], "s": s}
-        if self.followed_by_quantizer:
-            log.info("%s: AWQ scaled/clipped %d layers; a later step quantizes them", unit.name, len(records))
+        if self.followed_by_quantizer or not cfg.quantize:
+            log.info("%s: AWQ scaled/clipped %d layers without rounding them", unit.name, len(records))
             return
         per_layer = (time.perf_counter() - start) / max(1, len(selected))
         for n, m in selected.items():

@@ -15,7 +15,7 @@ class Window:
 
 
 def sliding_windows(ids: torch.Tensor, context: int, stride: int, batch_size: int) -> Iterator[Window]:
-    """Windows of ``context`` tokens advancing by ``stride``.
+    """Windows of ``context`` tokens advancing by ``stride`` (but always overlapping by one token).
 
     Position ``t`` of a window predicts token ``t + 1``; the first window scores all its
     predictions, every later one only those of the tokens no earlier window scored, so every token
@@ -38,7 +38,8 @@ def sliding_windows(ids: torch.Tensor, context: int, stride: int, batch_size: in
         scored_until = end
         if end == n:
             break
-        begin += stride
+        # at least one token of overlap, so the first new token has something to be predicted from
+        begin = min(begin + stride, scored_until - 1)
     # Group equal-length windows so they batch; keep order.
     batch: list[tuple[int, int, int]] = []
     for span in spans:

@@ -32,6 +32,8 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
     """Yield a temporary directory beside ``out_dir``; on success it replaces ``out_dir``."""
     out = check_output_dir(out_dir, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a run killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:

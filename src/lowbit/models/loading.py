@@ -69,7 +69,9 @@ def resolve_model_path(name_or_path: str | Path) -> Path | str:
         if not (p / "config.json").exists():
             raise ModelLoadError(f"{p} has no config.json; is it a Hugging Face model directory?")
         return p
-    if key.startswith((".", "/", "~")) or key.count("/") != 1:
+    if key.startswith((".", "/", "~")) or key.count("/") > 1:
+        raise ModelLoadError(f"model directory {key} does not exist")
+    if key.count("/") != 1:
         raise ModelLoadError(
             f"no built-in model or directory named {key!r} (built-in models: {', '.join(BUILTIN_MODELS)}; "
             "hub ids look like org/name)"
@@ -98,9 +100,13 @@ def load_model(
         kind = model_kind(config)
         cls = AutoModelForCausalLM if kind == "causal-lm" else AutoModel
         model = cls.from_pretrained(path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError, RuntimeError, json.JSONDecodeError) as exc:
+    except Exception as exc:  # corrupt files surface as many types (SafetensorError, OSError, ValueError ...)
         raise ModelLoadError(f"could not load model {name_or_path!r} from {path}: {_first_line(exc)}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.info("no usable tokenizer in %s (%s); text calibration and evaluation will need one", path, _first_line(exc))
+        tokenizer = None
     model.eval().to(device)
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, kind=kind, name=str(name_or_path))
 

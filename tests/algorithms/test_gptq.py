@@ -1,0 +1,90 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowbit.algorithms.gptq import HessianNotPositiveDefinite, gptq_quantize
+from lowbit.algorithms.hessian import HessianAccumulator, output_error
+from lowbit.formats import Quantizer, make_format
+
+
+def layer(seed, rows=64, cols=256, tokens=2048):
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.eye(cols) + torch.randn(cols, cols, generator=gen) / cols**0.5
+    x = torch.randn(tokens, cols, generator=gen) @ mix
+    x[:, :4] *= 8  # a few outlier input channels, as real activations have
+    acc = HessianAccumulator(cols)
+    for chunk in x.split(500):
+        acc.add(chunk)
+    return torch.randn(rows, cols, generator=gen), acc.H, x
+
+
+def test_hessian_is_twice_the_mean_outer_product_regardless_of_batching():
+    _, H, x = layer(0, tokens=1234)
+    assert torch.allclose(H, 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    seed=st.integers(0, 1000),
+    fmt=st.sampled_from([("int4", 64), ("int3", 64), ("int2", 32), ("nf4", 64), ("fp4", 32), ("mxfp4", 32), ("int4", -1)]),
+    symmetric=st.booleans(),
+    act_order=st.booleans(),
+    static_groups=st.booleans(),
+)
+def test_gptq_output_error_is_at_most_rtn_on_the_same_hessian(seed, fmt, symmetric, act_order, static_groups):
+    name, gs = fmt
+    kw = {"group_size": gs}
+    if name.startswith("int"):
+        kw["symmetric"] = symmetric
+    q = Quantizer(make_format(name, **kw))
+    W, H, _ = layer(seed)
+    res = gptq_quantize(W, H, q, block_size=64, act_order=act_order, static_groups=static_groups)
+    rtn = q.dequantize(q.quantize(W))
+    assert output_error(W - res.dequantized, H) <= output_error(W - rtn, H)
+    # the codes and scales reproduce exactly the weights GPTQ chose
+    assert torch.allclose(q.dequantize(res.qtensor), res.dequantized, atol=1e-6)
+
+
+def test_act_order_without_static_groups_records_the_group_of_each_column():
+    q = Quantizer(make_format("int4", group_size=32))
+    W, H, _ = layer(1)
+    res = gptq_quantize(W, H, q, act_order=True)
+    g_idx = res.qtensor.g_idx
+    assert g_idx is not None and g_idx.shape == (W.shape[1],)
+    assert torch.equal(torch.bincount(g_idx.long()), torch.full((W.shape[1] // 32,), 32))
+    static = gptq_quantize(W, H, q, act_order=True, static_groups=True)
+    assert static.qtensor.g_idx is None
+
+
+def test_dead_inputs_are_handled_like_the_reference():
+    q = Quantizer(make_format("int4", group_size=64))
+    W, H, _ = layer(2)
+    H[:, 5] = 0
+    H[5, :] = 0
+    res = gptq_quantize(W, H, q)
+    assert torch.isfinite(res.dequantized).all()
+    assert torch.all(res.dequantized[:, 5] == 0)
+
+
+def test_damping_is_raised_until_the_cholesky_exists():
+    q = Quantizer(make_format("int4", group_size=64))
+    W, H, _ = layer(3)
+    eigvals, eigvecs = torch.linalg.eigh(H)
+    eigvals[:8] = -0.05 * eigvals.mean()  # indefinite, but fixable with more damping
+    H_bad = eigvecs @ torch.diag(eigvals) @ eigvecs.T
+    res = gptq_quantize(W, H_bad, q, dampening=0.01, damping_retries=4)
+    assert res.dampening > 0.01
+    assert torch.isfinite(res.dequantized).all()
+    with pytest.raises(HessianNotPositiveDefinite):
+        gptq_quantize(W, -torch.eye(W.shape[1]), q, damping_retries=2)
+
+
+def test_per_tensor_and_per_channel_granularity():
+    W, H, _ = layer(4)
+    for gs in (0, -1):
+        q = Quantizer(make_format("int8", group_size=gs))
+        res = gptq_quantize(W, H, q)
+        rtn = q.dequantize(q.quantize(W))
+        assert output_error(W - res.dequantized, H) <= output_error(W - rtn, H)
+        assert torch.allclose(q.dequantize(res.qtensor), res.dequantized, atol=1e-6)

@@ -1,0 +1,141 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowbit.cli import main
+from lowbit.formats import Quantizer, make_format
+from tests.conftest import build_family
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    model = build_family("llama")
+    path = tmp_path / "tiny"
+    model.save_pretrained(path)
+    return path
+
+
+def run_cli(*args):
+    return main([str(a) for a in args])
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_cli("--version")
+    assert exc.value.code == 0
+    assert "lowbit 0.1.0" in capsys.readouterr().out
+
+
+def test_quantize_saves_a_loadable_model_with_recipe_and_report(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert run_cli("quantize", tiny_dir, "--method", "rtn", "--bits", "4", "--group-size", "32", "--asymmetric", "--out", out, "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["totals"]["layers_quantized"] == 14
+    assert report["totals"]["avg_bits_per_weight"] == pytest.approx(5.0)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "generation_config.json", "lowbit_recipe.yaml", "lowbit_report.json", "model.safetensors",
+    ]
+    assert "rtn" in (out / "lowbit_recipe.yaml").read_text()
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    w = reloaded.model.layers[0].self_attn.q_proj.weight.detach()
+    original = load_file(tiny_dir / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
+    q = Quantizer(make_format("int4", group_size=32, symmetric=False))
+    assert torch.allclose(w, q.dequantize(q.quantize(original)), atol=1e-6)
+
+
+def test_formats_and_recipe_file(tiny_dir, tmp_path):
+    assert run_cli("quantize", tiny_dir, "--format", "nvfp4", "--out", tmp_path / "a", "--json") == 0
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - hqq: {format: int3, group_size: 32}\n")
+    assert run_cli("quantize", tiny_dir, "--recipe", recipe, "--out", tmp_path / "b", "--json") == 0
+    report = json.loads((tmp_path / "b" / "lowbit_report.json").read_text())
+    assert {layer["method"] for layer in report["layers"]} == {"hqq"}
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--bits", "9"], "bits must be between 1 and 8"),
+        (["--bits", "x"], "argument --bits: invalid int value: 'x'"),
+        (["--group-size", "48"], "group_size 48 does not divide the input dimension 64"),
+        (["--format", "int5x"], "unknown format 'int5x'"),
+        (["--method", "nope"], "unknown method 'nope'"),
+        (["--recipe", "missing.yaml"], "recipe file missing.yaml does not exist"),
+        (["--n-samples", "0", "--method", "gptq"], "--n-samples must be >= 1"),
+    ],
+)
+def test_bad_arguments_give_one_line_errors_and_exit_2(tiny_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "q"
+    assert run_cli("quantize", tiny_dir, "--out", out, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err.replace("\n", " ")
+    assert err.startswith("lowbit: error:")
+    assert not out.exists()
+
+
+def test_missing_model_and_corrupt_checkpoint(tiny_dir, tmp_path, capsys):
+    assert run_cli("quantize", tmp_path / "nowhere", "--out", tmp_path / "q") == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tiny_dir / "model.safetensors").write_bytes(b"not a safetensors file")
+    assert run_cli("quantize", tiny_dir, "--out", tmp_path / "q") == 2
+    assert "could not load model" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
+
+
+def test_existing_output_needs_overwrite(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert run_cli("quantize", tiny_dir, "--group-size", "32", "--out", out) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious"
+    assert run_cli("quantize", tiny_dir, "--group-size", "32", "--out", out, "--overwrite", "--json") == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_nonfinite_weights_are_refused_naming_the_layer(tiny_dir, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    state = load_file(tiny_dir / "model.safetensors")
+    state["model.layers.1.self_attn.k_proj.weight"][0, 0] = float("inf")
+    save_file(state, tiny_dir / "model.safetensors", metadata={"format": "pt"})
+    assert run_cli("quantize", tiny_dir, "--group-size", "32", "--out", tmp_path / "q") == 2
+    assert "model.layers.1.self_attn.k_proj has 1 NaN/Inf" in capsys.readouterr().err
+    assert run_cli("quantize", tiny_dir, "--group-size", "32", "--out", tmp_path / "q", "--allow-nonfinite", "--json") == 0
+
+
+def test_a_crash_while_saving_leaves_no_output(tiny_dir, tmp_path, monkeypatch):
+    import transformers
+
+    def exploding_save(self, *a, **k):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", exploding_save)
+    assert run_cli("quantize", tiny_dir, "--group-size", "32", "--out", tmp_path / "q") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+
+
+def test_interrupting_a_run_leaves_no_output_dir(tmp_path):
+    out = tmp_path / "q"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lowbit", "quantize", "reference-lm", "--method", "gptq", "--n-samples", "64", "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    time.sleep(6)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert "interrupted" in err.decode()
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
