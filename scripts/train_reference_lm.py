@@ -225,7 +225,9 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 50 == 0 or step == args.steps - 1:
-            log.info("step %d/%d loss %.3f lr %.2e %.0fs", step, args.steps, loss.item(), lr_at(step), time.time() - start)
+            log.info(
+                "step %d/%d loss %.3f lr %.2e %.0fs", step, args.steps, loss.item(), lr_at(step), time.time() - start
+            )
         if step > 0 and step % 400 == 0:
             log.info("held-out perplexity at step %d: %.2f", step, heldout_perplexity(model, heldout_ids, args.seq_len))
 

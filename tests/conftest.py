@@ -6,7 +6,14 @@ import pytest
 import torch
 import transformers
 
-SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+SMALL = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 
 FAMILY_CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**SMALL),
@@ -16,14 +23,31 @@ FAMILY_CONFIGS = {
     "phi3": lambda: transformers.Phi3Config(**SMALL, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "gemma": lambda: transformers.GemmaConfig(**SMALL, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "opt": lambda: transformers.OPTConfig(
-        vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
-        pad_token_id=1, bos_token_id=2, eos_token_id=2,
+        vocab_size=128,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=64,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=2,
     ),
-    "gpt2": lambda: transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=128, n_embd=64, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+    ),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, bos_token_id=0, eos_token_id=0
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        bos_token_id=0,
+        eos_token_id=0,
     ),
-    "bert": lambda: transformers.BertConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
+    "bert": lambda: transformers.BertConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4
+    ),
 }
 
 

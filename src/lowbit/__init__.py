@@ -7,12 +7,12 @@
 
 __version__ = "0.1.0"
 
-from .algorithms import RTN, Step, build_step, register_step  # noqa: E402
-from .api import QuantizationResult, quantize  # noqa: E402
-from .formats import FormatSpec, Quantizer, make_format  # noqa: E402
-from .models import load_model  # noqa: E402
-from .pipeline import PipelineOptions  # noqa: E402
-from .recipe import Recipe  # noqa: E402
+from .algorithms import RTN, Step, build_step, register_step
+from .api import QuantizationResult, quantize
+from .formats import FormatSpec, Quantizer, make_format
+from .models import load_model
+from .pipeline import PipelineOptions
+from .recipe import Recipe
 
 __all__ = [
     "RTN",

@@ -16,9 +16,10 @@ from . import __version__
 from .calibration import CalibrationData, as_calibration
 from .export import save_model_dir
 from .formats import QuantizedTensor
-from .models import LoadedModel, checkpoint_dtype, load_model
+from .models import LoadedModel, checkpoint_dtype, load_model, resolve_model_path
 from .models.loading import model_kind
-from .pipeline import PipelineOptions, run_pipeline
+from .pipeline import PipelineOptions, SanityCheckFailed, SanityReport, run_pipeline
+from .pipeline.directory import DirectoryRun, quantize_directory
 from .recipe import Recipe, as_recipe
 from .report import QuantizationReport, build_report
 
@@ -36,12 +37,18 @@ class QuantizationResult:
     tokenizer: Any = None
     source: str | None = None
     storage_dtype: torch.dtype | None = None
+    sanity: SanityReport | None = None
 
-    def save(self, out_dir: str | Path, *, overwrite: bool = False, dtype: torch.dtype | None = None) -> Path:
+    def save(
+        self, out_dir: str | Path, *, overwrite: bool = False, dtype: torch.dtype | None = None, force: bool = False
+    ) -> Path:
         """Save a loadable model directory (safetensors + config + tokenizer + the recipe used).
 
-        ``dtype`` defaults to the dtype of the checkpoint the model came from.
+        ``dtype`` defaults to the dtype of the checkpoint the model came from. A model that
+        failed the sanity check is not saved unless ``force``.
         """
+        if self.sanity is not None and not self.sanity.passed and not force:
+            raise SanityCheckFailed(self.sanity)
         meta = {
             "lowbit_version": __version__,
             "source_model": self.source,
@@ -101,22 +108,96 @@ def quantize(
     options = options or PipelineOptions(progress=False)
     if option_overrides:
         options = PipelineOptions(**{**options.__dict__, **option_overrides})
-    calib: CalibrationData | None = None
-    if recipe.needs_calibration or calibration is not None:
-        mode = "windows" if model_kind(model.config) == "causal-lm" else "lines"
-        calib = as_calibration(calibration, tokenizer, n_samples=n_samples, seq_len=seq_len, seed=seed, mode=mode)
+    calib, held_back = prepare_calibration(model, recipe, calibration, tokenizer, n_samples, seq_len, seed, options)
     was_training = model.training
     model.eval()
-    state = run_pipeline(model, recipe.steps, calib, options)
+    result = run_pipeline(model, recipe.steps, calib, options, held_back=held_back)
     model.train(was_training)
     extra = {"calibration": calib.source if calib is not None else None}
-    report = build_report(model, state, time.perf_counter() - start, storage_dtype=storage_dtype, extra=extra)
+    if result.sanity is not None:
+        extra["sanity"] = result.sanity.to_dict()
+        if not result.sanity.passed:
+            log.warning("%s", SanityCheckFailed(result.sanity))
+    report = build_report(model, result.state, time.perf_counter() - start, storage_dtype=storage_dtype, extra=extra)
     return QuantizationResult(
         model=model,
         report=report,
         recipe=recipe,
-        quantized=state.quantized,
+        quantized=result.state.quantized,
         tokenizer=tokenizer,
         source=source,
         storage_dtype=storage_dtype,
+        sanity=result.sanity,
+    )
+
+
+def prepare_calibration(model_or_config, recipe: Recipe, calibration, tokenizer, n_samples, seq_len, seed, options):
+    """Calibration samples plus the held-back samples of the sanity check (drawn together, split)."""
+    if not recipe.needs_calibration and calibration is None:
+        return None, None
+    config = getattr(model_or_config, "config", model_or_config)
+    causal = model_kind(config) == "causal-lm"
+    # Samples are held back only from data lowbit samples itself; given tensors are used whole.
+    sampled = not isinstance(calibration, (CalibrationData, torch.Tensor))
+    extra = options.sanity_samples if causal and sampled and options.sanity_samples > 0 else 0
+    mode = "windows" if causal else "lines"
+    calib = as_calibration(calibration, tokenizer, n_samples=n_samples + extra, seq_len=seq_len, seed=seed, mode=mode)
+    if extra and calib.n_samples > extra:
+        calib, held_back = calib.split(extra)
+        if not recipe.needs_calibration:
+            return None, held_back
+        return calib, held_back
+    return (calib if recipe.needs_calibration else None), None
+
+
+def quantize_checkpoint(
+    model_dir: str | Path,
+    recipe: Any,
+    out_dir: str | Path,
+    calibration: Any = "builtin",
+    *,
+    n_samples: int = 128,
+    seq_len: int = 512,
+    seed: int = 0,
+    options: PipelineOptions | None = None,
+    save_dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    restart: bool = False,
+    force: bool = False,
+    dry_run: bool = False,
+) -> DirectoryRun:
+    """Quantize a model directory (or built-in name) into ``out_dir`` without loading it whole.
+
+    Blocks are read from disk one at a time and written out as they finish; an interrupted run
+    started again with the same arguments resumes from the last finished block (``restart``
+    discards that progress); the sanity check must pass before the output appears (``force``).
+    ``dry_run`` only checks and estimates (returns the plan).
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    torch.manual_seed(seed)
+    path = resolve_model_path(model_dir)
+    if not isinstance(path, Path):
+        raise ValueError(f"quantize_checkpoint needs a local model directory, got {model_dir!r} (download it first)")
+    recipe = as_recipe(recipe)
+    options = options or PipelineOptions()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception:  # a model without tokenizer can still be quantized data-free
+        tokenizer = None
+    config = AutoConfig.from_pretrained(path)
+    calib, held_back = prepare_calibration(config, recipe, calibration, tokenizer, n_samples, seq_len, seed, options)
+    return quantize_directory(
+        path,
+        recipe,
+        out_dir,
+        calibration=calib,
+        held_back=held_back,
+        options=options,
+        save_dtype=save_dtype,
+        overwrite=overwrite,
+        restart=restart,
+        force=force,
+        dry_run=dry_run,
+        tokenizer=tokenizer,
     )

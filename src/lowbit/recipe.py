@@ -100,7 +100,7 @@ def _step_from_item(item: Any, index: int) -> Step:
     if isinstance(item, str):
         return build_step(item)
     if isinstance(item, dict) and len(item) == 1:
-        (name, config), = item.items()
+        ((name, config),) = item.items()
         if config is not None and not isinstance(config, dict):
             raise RecipeError(f"step {index} ({name}): its config must be a mapping, got {type(config).__name__}")
         return build_step(name, config)

@@ -65,7 +65,13 @@ class QuantizationReport:
         t.add_column("time", justify="right")
         rows = self.layers if max_rows is None else self.layers[:max_rows]
         for r in rows:
-            cells = [r.name, r.method + (f" ({r.note})" if r.note else ""), r.format, f"{r.bits_per_weight:.4f}", f"{r.rel_weight_error:.4f}"]
+            cells = [
+                r.name,
+                r.method + (f" ({r.note})" if r.note else ""),
+                r.format,
+                f"{r.bits_per_weight:.4f}",
+                f"{r.rel_weight_error:.4f}",
+            ]
             if show_out:
                 cells.append(_out_err(r))
             cells.append(f"{r.seconds:.2f}s")
@@ -106,14 +112,9 @@ def build_report(
     """Sizes before/after count every parameter: quantized weights at their exact bits per weight,
     everything else at its stored size (``storage_dtype``, e.g. the checkpoint's fp16, when the
     model was loaded in another floating-point type)."""
-    quantized_ids = {}
-    modules = dict(model.named_modules())
-    for name in state.results:
-        if name in modules:
-            quantized_ids[id(modules[name].weight)] = state.results[name]
     before = after = total = 0
     seen: set[int] = set()
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if id(p) in seen:
             continue  # tied weights are stored once
         seen.add(id(p))
@@ -123,7 +124,7 @@ def build_report(
         nbytes = p.numel() * size
         total += p.numel()
         before += nbytes
-        r = quantized_ids.get(id(p))
+        r = state.results.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
         after += math.ceil(r.bits_per_weight * r.numel / 8) if r is not None else nbytes
     layers = list(state.results.values())
     return QuantizationReport(

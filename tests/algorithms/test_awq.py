@@ -65,7 +65,9 @@ def test_awq_then_gptq_leaves_rounding_to_gptq():
     ids = random_ids(8, 32, seed=2)
     model = _outlier_llama()
     ref = _outlier_llama()
-    res = lowbit.quantize(model, [AWQ(format="int4", group_size=32), GPTQ(format="int4", group_size=32)], calibration=ids)
+    res = lowbit.quantize(
+        model, [AWQ(format="int4", group_size=32), GPTQ(format="int4", group_size=32)], calibration=ids
+    )
     assert {r.method for r in res.report.layers} == {"gptq"}
     assert len(res.report.layers) == 14
     # the quantized model stays close to the original

@@ -27,7 +27,9 @@ def test_hessian_is_twice_the_mean_outer_product_regardless_of_batching():
 @settings(max_examples=12, deadline=None)
 @given(
     seed=st.integers(0, 1000),
-    fmt=st.sampled_from([("int4", 64), ("int3", 64), ("int2", 32), ("nf4", 64), ("fp4", 32), ("mxfp4", 32), ("int4", -1)]),
+    fmt=st.sampled_from(
+        [("int4", 64), ("int3", 64), ("int2", 32), ("nf4", 64), ("fp4", 32), ("mxfp4", 32), ("int4", -1)]
+    ),
     symmetric=st.booleans(),
     act_order=st.booleans(),
     static_groups=st.booleans(),

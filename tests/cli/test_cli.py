@@ -35,12 +35,32 @@ def test_version(capsys):
 
 def test_quantize_saves_a_loadable_model_with_recipe_and_report(tiny_dir, tmp_path, capsys):
     out = tmp_path / "q"
-    assert run_cli("quantize", tiny_dir, "--method", "rtn", "--bits", "4", "--group-size", "32", "--asymmetric", "--out", out, "--json") == 0
+    assert (
+        run_cli(
+            "quantize",
+            tiny_dir,
+            "--method",
+            "rtn",
+            "--bits",
+            "4",
+            "--group-size",
+            "32",
+            "--asymmetric",
+            "--out",
+            out,
+            "--json",
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     assert report["totals"]["layers_quantized"] == 14
     assert report["totals"]["avg_bits_per_weight"] == pytest.approx(5.0)
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "lowbit_recipe.yaml", "lowbit_report.json", "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "lowbit_recipe.yaml",
+        "lowbit_report.json",
+        "model.safetensors",
     ]
     assert "rtn" in (out / "lowbit_recipe.yaml").read_text()
     from transformers import AutoModelForCausalLM
@@ -110,7 +130,9 @@ def test_nonfinite_weights_are_refused_naming_the_layer(tiny_dir, tmp_path, caps
     save_file(state, tiny_dir / "model.safetensors", metadata={"format": "pt"})
     assert run_cli("quantize", tiny_dir, "--group-size", "32", "--out", tmp_path / "q") == 2
     assert "model.layers.1.self_attn.k_proj has 1 NaN/Inf" in capsys.readouterr().err
-    assert run_cli("quantize", tiny_dir, "--group-size", "32", "--out", tmp_path / "q", "--allow-nonfinite", "--json") == 0
+    assert (
+        run_cli("quantize", tiny_dir, "--group-size", "32", "--out", tmp_path / "q", "--allow-nonfinite", "--json") == 0
+    )
 
 
 def test_a_crash_while_saving_leaves_no_output(tiny_dir, tmp_path, monkeypatch):
@@ -127,7 +149,19 @@ def test_a_crash_while_saving_leaves_no_output(tiny_dir, tmp_path, monkeypatch):
 def test_interrupting_a_run_leaves_no_output_dir(tmp_path):
     out = tmp_path / "q"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lowbit", "quantize", "reference-lm", "--method", "gptq", "--n-samples", "64", "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "lowbit",
+            "quantize",
+            "reference-lm",
+            "--method",
+            "gptq",
+            "--n-samples",
+            "64",
+            "--out",
+            str(out),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},

@@ -28,11 +28,17 @@ def test_int_error_at_most_half_a_step_inside_the_clip_range(bits, symmetric, gr
     w = _weights(seed, 4, 64, scale)
     qt = q.quantize(w)
     deq = q.dequantize(qt)
-    step = q.group_view(qt.scale.repeat_interleave(q.group_size_for(64), dim=-1) if group != -1 else qt.scale.expand(4, 64))
+    step = q.group_view(
+        qt.scale.repeat_interleave(q.group_size_for(64), dim=-1) if group != -1 else qt.scale.expand(4, 64)
+    )
     step = step.reshape(4, 64)
-    zero = 2 ** (bits - 1) if symmetric else q.group_view(
-        qt.zero.repeat_interleave(q.group_size_for(64), dim=-1) if group != -1 else qt.zero.expand(4, 64)
-    ).reshape(4, 64)
+    zero = (
+        2 ** (bits - 1)
+        if symmetric
+        else q.group_view(
+            qt.zero.repeat_interleave(q.group_size_for(64), dim=-1) if group != -1 else qt.zero.expand(4, 64)
+        ).reshape(4, 64)
+    )
     lo, hi = (0 - zero) * step, ((1 << bits) - 1 - zero) * step
     inside = (w >= lo) & (w <= hi)
     err = (w - deq).abs()
@@ -42,7 +48,10 @@ def test_int_error_at_most_half_a_step_inside_the_clip_range(bits, symmetric, gr
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000), name=st.sampled_from(["fp8", "fp8_e5m2", "fp6", "fp6_e2m3", "fp4", "nf4", "mxfp4", "nvfp4"]))
+@given(
+    seed=st.integers(0, 10_000),
+    name=st.sampled_from(["fp8", "fp8_e5m2", "fp6", "fp6_e2m3", "fp4", "nf4", "mxfp4", "nvfp4"]),
+)
 def test_table_formats_round_to_the_nearest_grid_point(seed, name):
     q = Quantizer(make_format(name))
     w = _weights(seed, 4, 128)
@@ -73,7 +82,9 @@ def test_fp4_e2m1_grid():
     assert pos == [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
 
-@pytest.mark.parametrize("element,maximum", [("e4m3", 448.0), ("e5m2", 57344.0), ("e3m2", 28.0), ("e2m3", 7.5), ("e2m1", 6.0)])
+@pytest.mark.parametrize(
+    "element,maximum", [("e4m3", 448.0), ("e5m2", 57344.0), ("e3m2", 28.0), ("e2m3", 7.5), ("e2m1", 6.0)]
+)
 def test_minifloat_maxima(element, maximum):
     vals = fp_code_values(element)
     assert float(vals[torch.isfinite(vals)].max()) == maximum
@@ -129,7 +140,9 @@ def test_nf4_grid_matches_the_published_levels():
 
 
 def test_user_lookup_table():
-    q = Quantizer(make_format({"kind": "lut", "lut": [-1.0, -0.25, 0.0, 0.25, 1.0], "granularity": "channel", "group_size": None}))
+    q = Quantizer(
+        make_format({"kind": "lut", "lut": [-1.0, -0.25, 0.0, 0.25, 1.0], "granularity": "channel", "group_size": None})
+    )
     assert q.spec.bits == 3
     w = torch.tensor([[1.0, 0.2, -0.3, 0.01, -1.0]])
     deq = q.dequantize(q.quantize(w))

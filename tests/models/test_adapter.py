@@ -16,8 +16,16 @@ from tests.conftest import FAMILY_CONFIGS, build_family
 
 # linears per block each family must expose
 EXPECTED = {
-    "llama": 7, "mistral": 7, "qwen2": 7, "qwen3": 7, "gemma": 7,
-    "phi3": 4, "opt": 6, "gpt2": 4, "gpt_neox": 4, "bert": 6,
+    "llama": 7,
+    "mistral": 7,
+    "qwen2": 7,
+    "qwen3": 7,
+    "gemma": 7,
+    "phi3": 4,
+    "opt": 6,
+    "gpt2": 4,
+    "gpt_neox": 4,
+    "bert": 6,
 }
 
 
@@ -91,7 +99,10 @@ def test_registering_a_new_architecture():
             self.stack = nn.ModuleList([nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8)) for _ in range(3)])
 
     arch = Architecture(
-        name="custom", model_types=("custom_test_arch",), block_paths=("stack",), groups=(LinearGroup(("1",), prev="0"),)
+        name="custom",
+        model_types=("custom_test_arch",),
+        block_paths=("stack",),
+        groups=(LinearGroup(("1",), prev="0"),),
     )
     try:
         register_architecture(arch)

@@ -110,6 +110,12 @@ def test_gptq_beats_rtn_end_to_end():
 
 
 def test_text_calibration_uses_the_tokenizer(tmp_path):
-    res = lowbit.quantize("reference-lm", GPTQ(format="int4", targets=["re:model\\.layers\\.0\\..*"]), calibration="builtin", n_samples=4, seq_len=64)
+    res = lowbit.quantize(
+        "reference-lm",
+        GPTQ(format="int4", targets=["re:model\\.layers\\.0\\..*"]),
+        calibration="builtin",
+        n_samples=4,
+        seq_len=64,
+    )
     assert len(res.report.layers) == 7
     assert "4 x 64 tokens" in res.report.extra["calibration"]

@@ -1,28 +1,28 @@
 """Post-training quantization methods, one module each; importing registers their steps."""
 
 from . import awq, gptq, hqq, rtn  # noqa: F401  (importing registers the steps)
-from .base import STEPS, Step, StepConfig, StepConfigError, WeightQuantConfig, build_step, register_step
 from .awq import AWQ, AWQConfig
+from .base import STEPS, Step, StepConfig, StepConfigError, WeightQuantConfig, build_step, register_step
 from .gptq import GPTQ, GPTQConfig, gptq_quantize
 from .hqq import HQQ, HQQConfig, hqq_quantize
 from .rtn import RTN, RTNConfig
 
 __all__ = [
     "AWQ",
-    "AWQConfig",
-    "HQQ",
-    "HQQConfig",
-    "hqq_quantize",
     "GPTQ",
-    "GPTQConfig",
-    "gptq_quantize",
+    "HQQ",
     "RTN",
     "STEPS",
+    "AWQConfig",
+    "GPTQConfig",
+    "HQQConfig",
     "RTNConfig",
     "Step",
     "StepConfig",
     "StepConfigError",
     "WeightQuantConfig",
     "build_step",
+    "gptq_quantize",
+    "hqq_quantize",
     "register_step",
 ]

@@ -48,7 +48,7 @@ class AWQConfig(WeightQuantConfig):
     clip_search: bool = True
     clip_grid: int = Field(20, ge=1)
     clip_max_shrink: float = Field(0.5, gt=0.0, lt=1.0)
-    clip_skip: list[str] = ["q_proj", "k_proj", "query", "key"]
+    clip_skip: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "query", "key"])
     max_tokens: int = Field(65536, ge=16)
     quantize: bool = True
 
@@ -107,7 +107,15 @@ class AWQ(Step):
                 effective = quantizer.dequantize(qt).to(r["s"].device) / r["s"]
                 err = output_error(r["orig"] - effective, r["H"]) / base
                 err_rtn = output_error(r["orig"] - quantizer.dequantize(quantizer.quantize(r["orig"])), r["H"]) / base
-            unit.commit(n, m, qt, self.name, seconds=per_layer + time.perf_counter() - t0, output_error=err, output_error_rtn=err_rtn)
+            unit.commit(
+                n,
+                m,
+                qt,
+                self.name,
+                seconds=per_layer + time.perf_counter() - t0,
+                output_error=err,
+                output_error_rtn=err_rtn,
+            )
 
     # ------------------------------------------------------------------ scale search
     @torch.no_grad()

@@ -101,9 +101,7 @@ def gptq_quantize(
     W[:, dead] = 0.0  # inputs that are always zero: their weights never matter (as the reference does)
 
     global_scale = quantizer.global_scale_for(W)
-    if gs is None:  # one set of parameters for the whole row (or tensor), from the original weights
-        fixed = quantizer.find_params(quantizer.group_view(W), global_scale)
-    elif static_groups:
+    if gs is None or static_groups:  # one set of parameters for the whole row (or tensor), from the original weights
         fixed = quantizer.find_params(quantizer.group_view(W), global_scale)
     else:
         fixed = None
@@ -220,13 +218,15 @@ class GPTQ(Step):
                 first = names[0]
                 accumulators[first] = HessianAccumulator(weight_of(selected[first]).shape[1], unit.device)
                 leaders[first] = selected[first]
-            unit.collect(leaders, lambda n, x: accumulators[n].add(x))
+            unit.collect(leaders, lambda n, x, acc=accumulators: acc[n].add(x))
             for names in subset:
                 acc = accumulators[names[0]]
                 for name in names:
                     self._quantize_layer(unit, name, selected[name], acc, quantizer)
 
-    def _quantize_layer(self, unit, name: str, module: nn.Module, acc: HessianAccumulator, quantizer: Quantizer) -> None:
+    def _quantize_layer(
+        self, unit, name: str, module: nn.Module, acc: HessianAccumulator, quantizer: Quantizer
+    ) -> None:
         cfg: GPTQConfig = self.config
         if acc.tokens == 0:
             self._fallback(unit, {name: module}, quantizer, "layer saw no calibration tokens")
@@ -235,7 +235,14 @@ class GPTQ(Step):
         W = weight_of(module).detach().float().to(acc.H.device)
         try:
             res = gptq_quantize(
-                W, acc.H, quantizer, cfg.block_size, cfg.dampening, cfg.act_order, cfg.static_groups, cfg.damping_retries
+                W,
+                acc.H,
+                quantizer,
+                cfg.block_size,
+                cfg.dampening,
+                cfg.act_order,
+                cfg.static_groups,
+                cfg.damping_retries,
             )
         except HessianNotPositiveDefinite as exc:
             log.warning("%s: %s; falling back to RTN", name, exc)

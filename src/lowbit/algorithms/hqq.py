@@ -40,7 +40,9 @@ class HQQConfig(WeightQuantConfig):
         super().model_post_init(__context)
         spec = self.spec
         if spec.kind != "int" or spec.symmetric:
-            raise ValueError(f"format: HQQ optimises zero-points, so it needs an asymmetric integer format, got {spec.label()}")
+            raise ValueError(
+                f"format: HQQ optimises zero-points, so it needs an asymmetric integer format, got {spec.label()}"
+            )
         if spec.zero_dtype == "int":
             raise ValueError("format.zero_dtype: HQQ zero-points are fractional; use a float zero_dtype")
 

@@ -28,7 +28,9 @@ class CalibrationData:
 
     def __post_init__(self) -> None:
         if self.input_ids.ndim != 2 or self.input_ids.shape[0] == 0:
-            raise CalibrationError(f"calibration input_ids must be [samples, tokens] with samples > 0, got {tuple(self.input_ids.shape)}")
+            raise CalibrationError(
+                f"calibration input_ids must be [samples, tokens] with samples > 0, got {tuple(self.input_ids.shape)}"
+            )
 
     @property
     def n_samples(self) -> int:
@@ -104,7 +106,9 @@ def from_text(
     return CalibrationData(windows, None, f"{source}: {n_samples} x {seq_len} tokens, seed {seed}")
 
 
-def _from_lines(text: str, tokenizer, n_samples: int, seq_len: int, gen: torch.Generator, source: str) -> CalibrationData:
+def _from_lines(
+    text: str, tokenizer, n_samples: int, seq_len: int, gen: torch.Generator, source: str
+) -> CalibrationData:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise CalibrationError(f"calibration text {source} is empty")

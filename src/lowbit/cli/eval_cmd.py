@@ -10,9 +10,13 @@ from rich.table import Table
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a model (perplexity, KL to a reference, embedding fidelity)", description=__doc__)
+    p = sub.add_parser(
+        "eval", help="evaluate a model (perplexity, KL to a reference, embedding fidelity)", description=__doc__
+    )
     p.add_argument("model", help="built-in model name, model directory or hub id")
-    p.add_argument("--reference", default=None, help="the full-precision original to compare against (name or directory)")
+    p.add_argument(
+        "--reference", default=None, help="the full-precision original to compare against (name or directory)"
+    )
     p.add_argument("--ppl", action="store_true", help="perplexity (causal LMs; default for them)")
     p.add_argument("--kl", action="store_true", help="KL divergence and top-1 agreement to --reference (causal LMs)")
     p.add_argument("--embeddings", action="store_true", help="sentence-embedding fidelity to --reference (encoders)")

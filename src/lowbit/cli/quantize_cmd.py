@@ -14,23 +14,42 @@ def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model and save it", description=__doc__)
     p.add_argument("model", help="built-in model name (see `lowbit models`), model directory or hub id")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.add_argument("--method", default="rtn", help=f"method, or methods joined by '+' (e.g. awq+gptq); one of {', '.join(sorted(STEPS))}")
-    p.add_argument("--format", default="int", help="number format: int, fp8, fp6, fp4, mxfp4, mxfp8, nvfp4, nf4, binary, ternary ...")
+    p.add_argument(
+        "--method",
+        default="rtn",
+        help=f"method, or methods joined by '+' (e.g. awq+gptq); one of {', '.join(sorted(STEPS))}",
+    )
+    p.add_argument(
+        "--format",
+        default="int",
+        help="number format: int, fp8, fp6, fp4, mxfp4, mxfp8, nvfp4, nf4, binary, ternary ...",
+    )
     p.add_argument("--bits", type=int, default=None, help="bits per code for integer formats (default 4)")
-    p.add_argument("--group-size", type=int, default=None, help="elements per scale group; -1: per output channel; 0: per tensor")
+    p.add_argument(
+        "--group-size", type=int, default=None, help="elements per scale group; -1: per output channel; 0: per tensor"
+    )
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None, help="no zero-point")
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="with a zero-point per group")
     p.add_argument("--clip", choices=["minmax", "mse"], default=None, help="clipping rule for scales")
     p.add_argument("--recipe", default=None, help="YAML recipe file (replaces --method/--format/...)")
-    p.add_argument("--ignore", action="append", default=None, help="layer name pattern to skip (repeatable; default lm_head)")
-    p.add_argument("--calibration", default="builtin", help="calibration data: builtin, a text file, or hf:DATASET[:SPLIT]")
+    p.add_argument(
+        "--ignore", action="append", default=None, help="layer name pattern to skip (repeatable; default lm_head)"
+    )
+    p.add_argument(
+        "--calibration", default="builtin", help="calibration data: builtin, a text file, or hf:DATASET[:SPLIT]"
+    )
     p.add_argument("--n-samples", type=int, default=128, help="calibration sequences")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass")
-    p.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default=None, help="dtype of saved weights (default: the input checkpoint's)")
+    p.add_argument(
+        "--save-dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="dtype of saved weights (default: the input checkpoint's)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--allow-nonfinite", action="store_true", help="replace NaN/Inf weights by 0 instead of refusing")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")

@@ -19,13 +19,20 @@ def builtin_sentences() -> list[str]:
 
 @torch.inference_mode()
 def encode(
-    model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 64, max_length: int = 256, normalize: bool = True
+    model: nn.Module,
+    tokenizer,
+    sentences: list[str],
+    batch_size: int = 64,
+    max_length: int = 256,
+    normalize: bool = True,
 ) -> torch.Tensor:
     """Mean-pooled sentence embeddings (as sentence-transformers computes them for MiniLM)."""
     device = next(model.parameters()).device
     chunks = []
     for i in range(0, len(sentences), batch_size):
-        enc = tokenizer(sentences[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        enc = tokenizer(
+            sentences[i : i + batch_size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         enc = {k: v.to(device) for k, v in enc.items()}
         hidden = model(**enc).last_hidden_state.float()
         mask = enc["attention_mask"].unsqueeze(-1).float()

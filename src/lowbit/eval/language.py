@@ -35,7 +35,9 @@ class LanguageEval:
         return d
 
 
-def tokenize_text(tokenizer, text: str | None = None, path: str | None = None, max_tokens: int | None = None) -> torch.Tensor:
+def tokenize_text(
+    tokenizer, text: str | None = None, path: str | None = None, max_tokens: int | None = None
+) -> torch.Tensor:
     """Token ids of ``text``, of the file ``path``, or of the built-in held-out text."""
     if text is None:
         source = path or builtin_text_path("heldout")

@@ -43,7 +43,7 @@ def sliding_windows(ids: torch.Tensor, context: int, stride: int, batch_size: in
     # Group equal-length windows so they batch; keep order.
     batch: list[tuple[int, int, int]] = []
     for span in spans:
-        if batch and (span[1] - span[0]) != (batch[0][1] - batch[0][0]) or len(batch) == batch_size:
+        if (batch and (span[1] - span[0]) != (batch[0][1] - batch[0][0])) or len(batch) == batch_size:
             yield _make(ids, batch)
             batch = []
         batch.append(span)

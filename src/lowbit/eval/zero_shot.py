@@ -45,5 +45,7 @@ def run_lm_eval(
     )
     results = {}
     for task, metrics in out["results"].items():
-        results[task] = {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith("alias")}
+        results[task] = {
+            k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith("alias")
+        }
     return results

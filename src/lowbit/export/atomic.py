@@ -21,7 +21,9 @@ class OutputExistsError(FileExistsError):
 def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
     out = Path(out_dir)
     if out.exists() and not overwrite:
-        raise OutputExistsError(f"output directory {out} already exists; pass --overwrite (overwrite=True) to replace it")
+        raise OutputExistsError(
+            f"output directory {out} already exists; pass --overwrite (overwrite=True) to replace it"
+        )
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output path {out} exists and is not a directory")
     return out

@@ -52,7 +52,7 @@ def fp_emax(element: str) -> int:
     return math.floor(math.log2(fp_max(element)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def nf4_values() -> tuple[float, ...]:
     """The NormalFloat-4 grid (Dettmers et al., QLoRA, 2023).
 
@@ -123,6 +123,6 @@ def table_for(spec: FormatSpec) -> TableGrid:
     raise ValueError(f"no table grid for kind={spec.kind!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fp_table(element: str) -> TableGrid:
     return TableGrid(fp_code_values(element))

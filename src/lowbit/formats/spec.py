@@ -121,9 +121,8 @@ class FormatSpec(BaseModel):
             raise ValueError(f"lut is only used with kind='lut', not kind={kind!r}")
         if kind != "int" and not self.symmetric:
             raise ValueError(f"symmetric=False (zero-points) is only supported for kind='int', not {kind!r}")
-        if self.granularity == "group":
-            if self.group_size is None or self.group_size < 1:
-                raise ValueError(f"group_size must be a positive integer for granularity='group', got {self.group_size}")
+        if self.granularity == "group" and (self.group_size is None or self.group_size < 1):
+            raise ValueError(f"group_size must be a positive integer for granularity='group', got {self.group_size}")
         if self.global_scale and self.granularity != "group":
             raise ValueError("global_scale needs granularity='group'")
         if self.scale_dtype == "e8m0" and kind not in ("fp", "int", "nf4", "lut"):
@@ -145,14 +144,17 @@ class FormatSpec(BaseModel):
 
     def label(self) -> str:
         """Short human-readable name, e.g. ``int4-asym-g128``."""
-        base = self.name or {
-            "int": f"int{self.bits}",
-            "fp": f"fp{self.bits}_{self.element}",
-            "nf4": "nf4",
-            "lut": f"lut{self.bits}",
-            "binary": "binary",
-            "ternary": "ternary",
-        }[self.kind]
+        base = (
+            self.name
+            or {
+                "int": f"int{self.bits}",
+                "fp": f"fp{self.bits}_{self.element}",
+                "nf4": "nf4",
+                "lut": f"lut{self.bits}",
+                "binary": "binary",
+                "ternary": "ternary",
+            }[self.kind]
+        )
         parts = [base]
         if self.kind == "int":
             parts.append("sym" if self.symmetric else "asym")

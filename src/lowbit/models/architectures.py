@@ -102,7 +102,9 @@ _ATTN_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _MLP_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 
 
-def _llama_like(name: str, model_types: tuple[str, ...], norm_offset: float = 0.0, mlp_norm: str = "post_attention_layernorm") -> Architecture:
+def _llama_like(
+    name: str, model_types: tuple[str, ...], norm_offset: float = 0.0, mlp_norm: str = "post_attention_layernorm"
+) -> Architecture:
     return Architecture(
         name=name,
         model_types=model_types,
@@ -123,7 +125,9 @@ register_architecture(_llama_like("mistral", ("mistral",)))
 register_architecture(_llama_like("qwen2", ("qwen2",)))
 register_architecture(_llama_like("qwen3", ("qwen3",)))
 register_architecture(_llama_like("gemma", ("gemma",), norm_offset=1.0))
-register_architecture(_llama_like("gemma2", ("gemma2", "gemma3_text"), norm_offset=1.0, mlp_norm="pre_feedforward_layernorm"))
+register_architecture(
+    _llama_like("gemma2", ("gemma2", "gemma3_text"), norm_offset=1.0, mlp_norm="pre_feedforward_layernorm")
+)
 
 register_architecture(
     Architecture(

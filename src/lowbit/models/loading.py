@@ -105,7 +105,9 @@ def load_model(
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.info("no usable tokenizer in %s (%s); text calibration and evaluation will need one", path, _first_line(exc))
+        log.info(
+            "no usable tokenizer in %s (%s); text calibration and evaluation will need one", path, _first_line(exc)
+        )
         tokenizer = None
     model.eval().to(device)
     return LoadedModel(model=model, tokenizer=tokenizer, path=path, kind=kind, name=str(name_or_path))

@@ -45,6 +45,11 @@ class ProgressReporter:
         if self._progress is not None:
             self._progress.update(self._task, status=status, mem=_mem())
 
+    def skip(self, n: int) -> None:
+        """Count ``n`` items done earlier (a resumed run)."""
+        if self._progress is not None and n:
+            self._progress.update(self._task, completed=n)
+
     def advance(self, status: str = "") -> None:
         if self._progress is not None:
             self._progress.update(self._task, advance=1, status=status, mem=_mem())

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -19,9 +19,13 @@ from torch import nn
 
 from ..algorithms.base import Step
 from ..calibration import CalibrationData, CalibrationError
-from ..formats import Quantizer
-from ..models import ModelAdapter, in_features, weight_of
+from ..models import ModelAdapter
+from ..models.loading import model_kind
+from .plan import NonFiniteError, check_finite_weights, check_plan, mark_followers
 from .progress import ProgressReporter
+from .resume import RunDirectory
+from .sanity import SanityReport, SanityThresholds, SanityTracker
+from .store import InMemoryStore
 from .tensors import first_tensor, to_device
 from .unit import BlockInputs, QuantState, StopForward, Unit
 
@@ -40,6 +44,9 @@ class PipelineOptions:
         keep_codes: keep the integer codes and scales of every layer (for export).
         allow_nonfinite: replace NaN/Inf weights by 0 (with a warning) instead of refusing.
         progress: show progress bars.
+        sanity_samples: calibration samples held back to compare the quantized model with the
+            original before saving (causal LMs; 0 turns the check off).
+        sanity: thresholds of that check.
     """
 
     device: str | None = None
@@ -48,75 +55,13 @@ class PipelineOptions:
     keep_codes: bool = True
     allow_nonfinite: bool = False
     progress: bool = True
+    sanity_samples: int = 4
+    sanity: SanityThresholds = field(default_factory=SanityThresholds)
 
     def resolved_device(self) -> torch.device:
         if self.device:
             return torch.device(self.device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-class NonFiniteError(ValueError):
-    """NaN or Inf in weights or activations."""
-
-
-class PlanError(ValueError):
-    """The recipe cannot be applied to this model (found before any heavy work)."""
-
-
-def mark_followers(steps: Sequence[Step], layer_names: Sequence[str]) -> None:
-    """Tell each step whether a later quantizer step targets any of the same layers."""
-    for i, step in enumerate(steps):
-        later = [s for s in steps[i + 1 :] if s.quantizes_weights]
-        step.followed_by_quantizer = any(s.config.selects(n) and step.config.selects(n) for s in later for n in layer_names)
-
-
-def check_plan(adapter: ModelAdapter, steps: Sequence[Step], options: PipelineOptions) -> dict[str, nn.Module]:
-    """Validate every targeted layer against every quantizer step; return the targeted layers."""
-    all_linears: dict[str, nn.Module] = {}
-    for i in range(len(adapter)):
-        all_linears.update(adapter.block_linears(i))
-    all_linears.update(adapter.outside_linears())
-    targeted = {n: m for n, m in all_linears.items() if any(s.config.selects(n) for s in steps)}
-    for step in steps:
-        for pattern in step.config.targets:
-            if pattern not in ("*", "re:.*") and not any(step.config.selects(n) for n in all_linears):
-                _check_pattern_hits_non_linear(adapter.model, pattern, step.name)
-        spec = getattr(step.config, "spec", None)
-        if spec is None:
-            continue
-        q = Quantizer(spec)
-        for name, mod in all_linears.items():
-            if step.config.selects(name):
-                try:
-                    q.group_size_for(in_features(mod))
-                except ValueError as exc:
-                    raise PlanError(f"step {step.name!r}, layer {name}: {exc}") from None
-    for name, mod in targeted.items():
-        w = weight_of(mod)
-        if not torch.isfinite(w).all():
-            bad = int((~torch.isfinite(w)).sum())
-            if not options.allow_nonfinite:
-                raise NonFiniteError(
-                    f"layer {name} has {bad} NaN/Inf weights; fix the checkpoint or pass allow_nonfinite "
-                    "(--allow-nonfinite) to replace them by 0"
-                )
-            log.warning("layer %s: replacing %d NaN/Inf weights by 0", name, bad)
-            with torch.no_grad():
-                w.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-    if not targeted:
-        raise PlanError("the recipe targets no Linear layer of this model (check targets/ignore)")
-    return targeted
-
-
-def _check_pattern_hits_non_linear(model: nn.Module, pattern: str, step: str) -> None:
-    from ..algorithms.base import match_name
-
-    for name, mod in model.named_modules():
-        if name and match_name(name, pattern):
-            raise PlanError(
-                f"step {step!r}: target {pattern!r} matches {name} ({type(mod).__name__}), "
-                "but lowbit quantizes Linear and Conv1D layers only"
-            )
 
 
 class _CaptureDone(Exception):
@@ -191,36 +136,75 @@ def _head_forward(norm: nn.Module | None, head: nn.Module):
     return forward
 
 
+def _head_forward(norm: nn.Module | None, head: nn.Module):
+    def forward(h: torch.Tensor, a: tuple, kw: dict) -> torch.Tensor:
+        return head(norm(h) if norm is not None else h)
+
+    return forward
+
+
+@dataclass
+class PipelineResult:
+    state: QuantState
+    sanity: SanityReport | None = None
+
+
 def run_pipeline(
     model: nn.Module,
     steps: Sequence[Step],
     calibration: CalibrationData | None = None,
     options: PipelineOptions | None = None,
-    state: QuantState | None = None,
-) -> QuantState:
-    """Apply ``steps`` to ``model`` in place, block by block. Returns the per-layer results."""
+    *,
+    held_back: CalibrationData | None = None,
+    store: InMemoryStore | None = None,
+    run_dir: RunDirectory | None = None,
+) -> PipelineResult:
+    """Apply ``steps`` to ``model`` block by block (in place, or streamed through ``store``).
+
+    ``held_back`` samples (not used for calibration) feed the sanity check; ``run_dir`` records
+    progress after every block so that an interrupted run resumes where it stopped.
+    """
     options = options or PipelineOptions()
+    store = store or InMemoryStore()
     adapter = ModelAdapter(model)
-    targeted = check_plan(adapter, steps, options)
+    targeted = check_plan(adapter, steps, options.allow_nonfinite)
     mark_followers(steps, list(targeted))
     needs_data = [s.name for s in steps if s.needs_calibration]
     if needs_data and calibration is None:
         raise CalibrationError(f"step(s) {', '.join(needs_data)} need calibration data; pass calibration=...")
-    state = state or QuantState(keep_codes=options.keep_codes)
+    state = QuantState(keep_codes=options.keep_codes and not store.streaming)
     device = options.resolved_device()
+    store.prepare(adapter)
     inputs = capture_first_block_inputs(model, adapter, calibration, options) if needs_data else None
+    sanity = None
+    if held_back is not None and model_kind(model.config) == "causal-lm" and adapter.lm_head()[1] is not None:
+        sanity = SanityTracker(capture_first_block_inputs(model, adapter, held_back, options))
+    start_block = 0
+    resume = run_dir.load() if run_dir is not None else None
+    if resume is not None:
+        start_block = resume.next_block
+        state.results.update(resume.results)
+        if inputs is not None:
+            inputs = inputs.with_hidden(resume.activations["hidden"])
+        if sanity is not None:
+            sanity.restore(resume.activations)
     if inputs is not None:
-        log.info("calibration: %d batches, %d tokens into block 0", len(inputs), inputs.tokens())
+        log.info("calibration: %d batches, %d tokens into block %d", len(inputs), inputs.tokens(), start_block)
 
     head_linears = {n: m for n, m in adapter.outside_linears().items() if n in targeted}
     to_quantize = [n for n in targeted if any(s.quantizes_weights and s.config.selects(n) for s in steps)]
     with ProgressReporter(options.progress, total=len(to_quantize), description="quantizing layers") as progress:
+        progress.skip(sum(1 for n in to_quantize if n in state.results))
         state.on_commit = lambda result: progress.advance(result.name)
-        for index in range(len(adapter)):
-            block = adapter.blocks[index]
+        for index in range(start_block, len(adapter)):
             name = adapter.block_name(index)
-            start = time.perf_counter()
-            original_device = next(block.parameters()).device
+            started = time.perf_counter()
+            store.load_block(adapter, index)
+            check_finite_weights(
+                {n: m for n, m in adapter.block_linears(index).items() if n in targeted}, options.allow_nonfinite
+            )
+            block = adapter.blocks[index]
+            home = next(block.parameters()).device
             block.to(device)
             unit = Unit(
                 name=name,
@@ -234,6 +218,8 @@ def run_pipeline(
                 device=device,
                 norm_offset=adapter.arch.norm_offset,
             )
+            if sanity is not None:
+                sanity.before(unit)
             fp_outputs = unit.run() if inputs is not None and options.propagate == "fp" else None
             for step in steps:
                 progress.update(f"block {index + 1}/{len(adapter)}: {step.name}")
@@ -242,14 +228,21 @@ def run_pipeline(
                 outputs = fp_outputs if fp_outputs is not None else unit.run()
                 _check_activations(outputs, name)
                 inputs = inputs.with_hidden(outputs)
-            block.to(original_device)
-            log.info("%s done in %.2fs", name, time.perf_counter() - start)
+            if sanity is not None:
+                sanity.after(unit)
+            block.to(home)
+            store.finish_block(adapter, index)
+            if run_dir is not None:
+                activations = {"hidden": inputs.hidden} if inputs is not None else {}
+                if sanity is not None:
+                    activations.update(sanity.state())
+                run_dir.save(index + 1, activations, state.results)
+            log.info("%s done in %.2fs", name, time.perf_counter() - started)
 
+        _norm_name, norm = adapter.final_norm()
+        _head_name, head = adapter.lm_head()
         if head_linears:
-            norm_name, norm = adapter.final_norm()
-            head_name, head = adapter.lm_head()
             forward = _head_forward(norm, head) if head is not None else None
-            head_inputs = inputs if forward is not None else None
             unit = Unit(
                 name="",
                 index=len(adapter),
@@ -257,22 +250,21 @@ def run_pipeline(
                 linears=head_linears,
                 groups=[],
                 state=state,
-                inputs=head_inputs,
+                inputs=inputs if forward is not None else None,
                 forward=forward or _no_forward,
                 device=device,
             )
-            moved = [(m, next(m.parameters()).device) for m in (norm, head) if m is not None]
-            for m, _ in moved:
-                m.to(device)
             for step in steps:
                 progress.update(f"head: {step.name}")
                 step.apply(unit)
-            for m, dev in moved:
-                m.to(dev)
     state.on_commit = None
     for step in steps:
         step.finish()
-    return state
+    report = None
+    if sanity is not None:
+        report = sanity.report(lambda h: head(norm(h) if norm is not None else h), options.sanity)
+    store.finish(adapter)
+    return PipelineResult(state, report)
 
 
 def _no_forward(h, a, kw):

@@ -7,6 +7,7 @@ inputs with hooks on some layers, and commit quantized weights. The pipeline own
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -137,6 +138,16 @@ class Unit:
         return outs
 
     @torch.no_grad()
+    def forward_inputs(self, inputs: BlockInputs) -> list[torch.Tensor]:
+        """Run the unit on other inputs (e.g. held-back samples); outputs on CPU."""
+        outs = []
+        for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs):
+            outs.append(
+                self._forward(to_device(h, self.device), to_device(a, self.device), to_device(k, self.device)).to("cpu")
+            )
+        return outs
+
+    @torch.no_grad()
     def collect(self, modules: dict[str, nn.Module], on_input: Callable[[str, torch.Tensor], None]) -> None:
         """Run the unit with a hook that passes each call's input of ``modules`` to ``on_input``.
 
@@ -158,10 +169,8 @@ class Unit:
         try:
             for h, a, k in self.batches():
                 seen.clear()
-                try:
+                with contextlib.suppress(StopForward):
                     self._forward(h, a, k)
-                except StopForward:
-                    pass
         finally:
             for handle in handles:
                 handle.remove()
@@ -184,10 +193,8 @@ class Unit:
         handle = module.register_forward_pre_hook(hook, with_kwargs=True)
         try:
             for h, a, k in self.batches():
-                try:
+                with contextlib.suppress(StopForward):
                     self._forward(h, a, k)
-                except StopForward:
-                    pass
         finally:
             handle.remove()
         return calls

@@ -1,0 +1,178 @@
+"""Models larger than memory: a weightless skeleton plus tensors read from safetensors on demand.
+
+The skeleton's parameters live on the ``meta`` device (no memory); buffers computed at init
+(rotary frequencies) are real. :meth:`LazyModel.materialize` reads one module's tensors from the
+memory-mapped checkpoint shards, :meth:`LazyModel.release` gives the memory back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .loading import ModelLoadError, model_kind
+
+log = logging.getLogger(__name__)
+
+
+class SafetensorsCheckpoint:
+    """The tensors of a (possibly sharded) safetensors checkpoint, read lazily by name."""
+
+    def __init__(self, path: str | Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        index = self.path / "model.safetensors.index.json"
+        single = self.path / "model.safetensors"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise ModelLoadError(f"{index} is not a valid safetensors index: {exc}") from None
+            self.files = sorted(set(weight_map.values()))
+            self.where = dict(weight_map)
+        elif single.exists():
+            self.files = [single.name]
+            self.where = {}
+        else:
+            raise ModelLoadError(f"{self.path} has no model.safetensors or model.safetensors.index.json")
+        self._handles = {}
+        for name in self.files:
+            file = self.path / name
+            if not file.exists():
+                raise ModelLoadError(f"checkpoint shard {file} is missing")
+            try:
+                handle = safe_open(str(file), framework="pt", device="cpu")
+            except Exception as exc:  # safetensors raises its own error type for corrupt headers
+                raise ModelLoadError(f"checkpoint shard {file} is corrupt: {exc}") from None
+            self._handles[name] = handle
+            if not self.where:
+                self.where = {k: name for k in handle.keys()}  # noqa: SIM118 - safe_open has no __iter__
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise ModelLoadError(f"tensor {name} is not in the checkpoint {self.path}")
+        try:
+            return self._handles[self.where[name]].get_tensor(name)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot read tensor {name} from {self.path / self.where[name]}: {exc}") from None
+
+    def fingerprint(self) -> dict[str, str]:
+        """Per file: size and a hash of its header and first/last MiB (cheap, changes with content)."""
+        out = {}
+        for name in self.files:
+            file = self.path / name
+            h = hashlib.sha256()
+            size = file.stat().st_size
+            with open(file, "rb") as f:
+                h.update(f.read(1 << 20))
+                if size > 2 << 20:
+                    f.seek(size - (1 << 20))
+                    h.update(f.read())
+            out[name] = f"{size}:{h.hexdigest()[:16]}"
+        config = self.path / "config.json"
+        if config.exists():
+            out["config.json"] = hashlib.sha256(config.read_bytes()).hexdigest()[:16]
+        return out
+
+
+class LazyModel:
+    """A model skeleton whose weights are loaded module by module."""
+
+    def __init__(self, path: str | Path, dtype: torch.dtype | None = None):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+        self.path = Path(path)
+        self.checkpoint = SafetensorsCheckpoint(self.path)
+        try:
+            config = AutoConfig.from_pretrained(self.path)
+        except Exception as exc:
+            raise ModelLoadError(f"could not read the config of {self.path}: {exc}") from None
+        self.kind = model_kind(config)
+        cls = AutoModelForCausalLM if self.kind == "causal-lm" else AutoModel
+        self.dtype = dtype or _config_dtype(config)
+        with init_empty_weights(include_buffers=False):
+            self.model: nn.Module = cls.from_config(config, dtype=self.dtype)
+        self.model.eval()
+        self._prefix = self._checkpoint_prefix()
+
+    def _checkpoint_prefix(self) -> str:
+        """Checkpoints of bare models (e.g. BertModel) may store names with or without a prefix."""
+        names = [n for n, _ in self.model.named_parameters()]
+        if not names or names[0] in self.checkpoint:
+            return ""
+        base = getattr(self.model, "base_model_prefix", "")
+        if base and f"{base}.{names[0]}" in self.checkpoint:
+            return base + "."
+        return ""
+
+    def checkpoint_name(self, name: str) -> str:
+        return self._prefix + name
+
+    @torch.no_grad()
+    def materialize(self, module: nn.Module, prefix: str) -> None:
+        """Load the parameters of ``module`` (named ``prefix`` in the model) from disk."""
+        for name, tensor in module.named_parameters(prefix=prefix):
+            if tensor.device.type == "meta":
+                self._load(name, tensor)
+
+    @torch.no_grad()
+    def materialize_outside(self, blocks_path: str) -> None:
+        """Load everything that is not inside the blocks (embeddings, final norm, head)."""
+        inside = blocks_path + "."
+        for name, tensor in self.model.named_parameters():
+            if not name.startswith(inside) and tensor.device.type == "meta":
+                self._load(name, tensor)
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            self.model.tie_weights()
+
+    def _load(self, name: str, current: torch.Tensor) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        key = self.checkpoint_name(name)
+        if key not in self.checkpoint:
+            tied = self._tied_source(name)
+            if tied is None:
+                raise ModelLoadError(f"tensor {key} is missing from the checkpoint {self.path}")
+            key = self.checkpoint_name(tied)
+        value = self.checkpoint.get(key)
+        if tuple(value.shape) != tuple(current.shape):
+            raise ModelLoadError(
+                f"tensor {key} has shape {tuple(value.shape)} in the checkpoint; the model expects {tuple(current.shape)}"
+            )
+        set_module_tensor_to_device(self.model, name, "cpu", value=value.to(current.dtype))
+
+    def _tied_source(self, name: str) -> str | None:
+        """The name of the input embedding when ``name`` is an output head tied to it."""
+        if getattr(self.model.config, "tie_word_embeddings", False) and name.endswith("lm_head.weight"):
+            emb = self.model.get_input_embeddings()
+            for n, m in self.model.named_modules():
+                if m is emb:
+                    return f"{n}.weight"
+        return None
+
+    @staticmethod
+    def release(module: nn.Module) -> None:
+        """Drop a module's weights (back to the meta device)."""
+        module.to("meta")
+
+
+def _config_dtype(config) -> torch.dtype:
+    name = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(name, torch.dtype):
+        return name
+    if isinstance(name, str) and hasattr(torch, name):
+        return getattr(torch, name)
+    return torch.float32

@@ -1,0 +1,182 @@
+"""Quantize a model directory into an output directory: streamed, resumable, checked, atomic.
+
+This is what ``lowbit quantize`` runs. The model is never loaded whole: a weightless skeleton is
+built, each block is read from the checkpoint's safetensors when its turn comes and written to
+its own output shard when done. Progress is recorded after every block in ``.<OUT>.partial/``; a
+run started again with the same command resumes there. The finished directory appears under its
+real name only after the sanity check passed and every file was written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..calibration import CalibrationData
+from ..export.atomic import OutputExistsError, check_output_dir
+from ..export.shards import INDEX, ShardWriter
+from ..models import ModelAdapter
+from ..models.lazy import LazyModel
+from ..recipe import Recipe
+from ..report import QuantizationReport, build_report
+from .plan import Plan, check_plan, estimate, mark_followers
+from .resume import RunDirectory
+from .sanity import SanityCheckFailed, SanityReport
+from .sequential import PipelineOptions, run_pipeline
+from .store import StreamingStore
+
+log = logging.getLogger(__name__)
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+@dataclass
+class DirectoryRun:
+    """The outcome of :func:`quantize_directory`."""
+
+    out_dir: Path | None
+    report: QuantizationReport | None
+    sanity: SanityReport | None = None
+    plan: Plan | None = None
+    resumed_from_block: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def work_dir_for(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.partial"
+
+
+def fingerprint(
+    lazy: LazyModel,
+    recipe: Recipe,
+    calibration: CalibrationData | None,
+    held_back,
+    options: PipelineOptions,
+    save_dtype,
+) -> dict:
+    def digest(text: str) -> str:
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    return {
+        "model files": digest(json.dumps(lazy.checkpoint.fingerprint(), sort_keys=True)),
+        "recipe": digest(recipe.to_yaml()),
+        "calibration data": (calibration.fingerprint() if calibration is not None else "none")
+        + "/"
+        + (held_back.fingerprint() if held_back is not None else "none"),
+        "options": digest(
+            json.dumps({"propagate": options.propagate, "batch_size": options.batch_size, "dtype": str(save_dtype)})
+        ),
+        "lowbit version": __version__,
+    }
+
+
+def quantize_directory(
+    model_dir: str | Path,
+    recipe: Recipe,
+    out_dir: str | Path,
+    *,
+    calibration: CalibrationData | None = None,
+    held_back: CalibrationData | None = None,
+    options: PipelineOptions | None = None,
+    save_dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    restart: bool = False,
+    force: bool = False,
+    dry_run: bool = False,
+    tokenizer: Any = None,
+) -> DirectoryRun:
+    """Quantize the checkpoint in ``model_dir`` with ``recipe`` into ``out_dir``."""
+    start = time.perf_counter()
+    options = options or PipelineOptions()
+    out = check_output_dir(out_dir, overwrite)
+    lazy = LazyModel(model_dir)
+    save_dtype = save_dtype or lazy.dtype
+    adapter = ModelAdapter(lazy.model)
+    targeted = check_plan(adapter, recipe.steps, options.allow_nonfinite)
+    mark_followers(recipe.steps, list(targeted))
+    tokens = calibration.tokens() if calibration is not None else 0
+    held_tokens = held_back.tokens() if held_back is not None else 0
+    plan = estimate(
+        adapter, recipe.steps, targeted, save_dtype, tokens, streaming=True, out_dir=out, held_back_tokens=held_tokens
+    )
+    if dry_run:
+        return DirectoryRun(None, None, plan=plan)
+
+    work = work_dir_for(out)
+    if restart and work.exists():
+        shutil.rmtree(work)
+    run_dir = RunDirectory(work, fingerprint(lazy, recipe, calibration, held_back, options, save_dtype))
+    resume = run_dir.load()  # raises ResumeMismatch early, before any work
+    writer = ShardWriter(work)
+    if resume is not None:
+        writer.adopt_existing()
+    store = StreamingStore(lazy, writer, save_dtype)
+    result = run_pipeline(
+        lazy.model, recipe.steps, calibration, options, held_back=held_back, store=store, run_dir=run_dir
+    )
+    report = build_report(lazy.model, result.state, time.perf_counter() - start, storage_dtype=save_dtype)
+    report.extra.update(
+        calibration=calibration.source if calibration is not None else None,
+        sanity=result.sanity.to_dict() if result.sanity is not None else None,
+        peak_rss_bytes=_peak_rss(),
+    )
+    if result.sanity is not None and not result.sanity.passed and not force:
+        raise SanityCheckFailed(result.sanity)
+    _finish_directory(Path(model_dir), work, writer, recipe, report, save_dtype, tokenizer)
+    run_dir.cleanup()
+    _publish(work, out, overwrite)
+    return DirectoryRun(out, report, result.sanity, plan, resumed_from_block=resume.next_block if resume else 0)
+
+
+def _peak_rss() -> int:
+    from .progress import peak_rss_bytes
+
+    return peak_rss_bytes()
+
+
+def _finish_directory(
+    source: Path, work: Path, writer: ShardWriter, recipe: Recipe, report, save_dtype, tokenizer
+) -> None:
+    writer.write_index()
+    for item in source.iterdir():
+        if item.name.endswith(_WEIGHT_SUFFIXES) or item.name == INDEX or item.name.startswith("lowbit_"):
+            continue
+        target = work / item.name
+        if item.is_dir():
+            shutil.copytree(item, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, target)
+    config = json.loads((work / "config.json").read_text())
+    config["dtype"] = str(save_dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    (work / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None and not any(
+        (work / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+    ):
+        tokenizer.save_pretrained(work)
+    (work / "lowbit_recipe.yaml").write_text(recipe.to_yaml())
+    meta = {"lowbit_version": __version__, "source_model": str(source), **report.to_dict()}
+    (work / "lowbit_report.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _publish(work: Path, out: Path, overwrite: bool) -> None:
+    """Give the finished directory its real name (replacing an old one only with overwrite)."""
+    if out.exists():
+        if not overwrite:
+            raise OutputExistsError(f"output directory {out} appeared while the run was going; not replacing it")
+        old = out.parent / f".{out.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        work.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        work.rename(out)

@@ -1,0 +1,239 @@
+"""Checking a recipe against a model before any heavy work, and estimating what a run will cost.
+
+Everything here works on a weightless skeleton (shapes only), so ``--dry-run`` answers in seconds
+even for models larger than memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..algorithms.base import Step, match_name
+from ..formats import Quantizer
+from ..models import ModelAdapter, in_features, out_features, weight_of
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(ValueError):
+    """NaN or Inf in weights or activations."""
+
+
+class PlanError(ValueError):
+    """The recipe cannot be applied to this model (found before any heavy work)."""
+
+
+def mark_followers(steps: Sequence[Step], layer_names: Sequence[str]) -> None:
+    """Tell each step whether a later quantizer step targets any of the same layers."""
+    for i, step in enumerate(steps):
+        later = [s for s in steps[i + 1 :] if s.quantizes_weights]
+        step.followed_by_quantizer = any(
+            s.config.selects(n) and step.config.selects(n) for s in later for n in layer_names
+        )
+
+
+def all_linears(adapter: ModelAdapter) -> dict[str, nn.Module]:
+    out: dict[str, nn.Module] = {}
+    for i in range(len(adapter)):
+        out.update(adapter.block_linears(i))
+    out.update(adapter.outside_linears())
+    return out
+
+
+def check_plan(adapter: ModelAdapter, steps: Sequence[Step], allow_nonfinite: bool = False) -> dict[str, nn.Module]:
+    """Validate every targeted layer against every step; return the targeted layers.
+
+    Weights that are not loaded yet (streaming) are checked for NaN/Inf when their block loads.
+    """
+    linears = all_linears(adapter)
+    targeted = {n: m for n, m in linears.items() if any(s.config.selects(n) for s in steps)}
+    for step in steps:
+        for pattern in step.config.targets:
+            if pattern not in ("*", "re:.*") and not any(step.config.selects(n) for n in linears):
+                _check_pattern_hits_non_linear(adapter.model, pattern, step.name)
+        spec = getattr(step.config, "spec", None)
+        if spec is None:
+            continue
+        q = Quantizer(spec)
+        for name, mod in linears.items():
+            if step.config.selects(name):
+                try:
+                    q.group_size_for(in_features(mod))
+                except ValueError as exc:
+                    raise PlanError(f"step {step.name!r}, layer {name}: {exc}") from None
+    if not targeted:
+        raise PlanError("the recipe targets no Linear layer of this model (check targets/ignore)")
+    check_finite_weights({n: m for n, m in targeted.items() if weight_of(m).device.type != "meta"}, allow_nonfinite)
+    return targeted
+
+
+def check_finite_weights(layers: dict[str, nn.Module], allow_nonfinite: bool) -> None:
+    for name, mod in layers.items():
+        w = weight_of(mod)
+        if torch.isfinite(w.sum(dtype=torch.float64)) or torch.isfinite(w).all():
+            continue
+        bad = int((~torch.isfinite(w)).sum())
+        if not allow_nonfinite:
+            raise NonFiniteError(
+                f"layer {name} has {bad} NaN/Inf weights; fix the checkpoint or pass allow_nonfinite "
+                "(--allow-nonfinite) to replace them by 0"
+            )
+        log.warning("layer %s: replacing %d NaN/Inf weights by 0", name, bad)
+        with torch.no_grad():
+            w.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _check_pattern_hits_non_linear(model: nn.Module, pattern: str, step: str) -> None:
+    for name, mod in model.named_modules():
+        if name and match_name(name, pattern):
+            raise PlanError(
+                f"step {step!r}: target {pattern!r} matches {name} ({type(mod).__name__}), "
+                "but lowbit quantizes Linear and Conv1D layers only"
+            )
+
+
+# ----------------------------------------------------------------------------- estimates
+@dataclass
+class LayerPlan:
+    name: str
+    shape: tuple[int, int]
+    method: str
+    format: str
+    bits_per_weight: float
+
+
+@dataclass
+class Plan:
+    blocks: int
+    layers: list[LayerPlan]
+    params_total: int
+    checkpoint_bytes: int
+    packed_bytes: int
+    peak_memory_bytes: int
+    disk_bytes: int
+    seconds: float
+    calibration_tokens: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "blocks": self.blocks,
+            "layers": [vars(layer) for layer in self.layers],
+            "params_total": self.params_total,
+            "output_checkpoint_bytes": self.checkpoint_bytes,
+            "packed_bytes": self.packed_bytes,
+            "estimated_peak_memory_bytes": self.peak_memory_bytes,
+            "estimated_disk_bytes": self.disk_bytes,
+            "estimated_seconds": self.seconds,
+            "calibration_tokens": self.calibration_tokens,
+            "notes": self.notes,
+        }
+
+    def table(self):
+        from rich.table import Table
+
+        t = Table(title="lowbit plan (dry run)")
+        t.add_column("what")
+        t.add_column("value", justify="right")
+        by_method: dict[tuple[str, str], list[LayerPlan]] = {}
+        for layer in self.layers:
+            by_method.setdefault((layer.method, layer.format), []).append(layer)
+        t.add_row("blocks", str(self.blocks))
+        for (method, fmt), layers in by_method.items():
+            n = sum(math.prod(layer.shape) for layer in layers)
+            bpw = sum(layer.bits_per_weight * math.prod(layer.shape) for layer in layers) / n
+            t.add_row(f"{method} {fmt}", f"{len(layers)} layers, {n / 1e6:.1f}M weights, {bpw:.4f} bits/weight")
+        t.add_row("output checkpoint (fake-quant, original dtype)", _gib(self.checkpoint_bytes))
+        t.add_row("packed size (codes + scales)", _gib(self.packed_bytes))
+        t.add_row("calibration tokens", str(self.calibration_tokens))
+        t.add_row("estimated peak memory", _gib(self.peak_memory_bytes))
+        t.add_row("estimated disk needed", _gib(self.disk_bytes))
+        t.add_row("estimated time", f"{self.seconds / 60:.1f} min")
+        if self.notes:
+            t.caption = "; ".join(self.notes)
+        return t
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def measured_gflops() -> float:
+    """Matrix-multiply throughput of this machine (a fraction of a second to measure)."""
+    a = torch.randn(512, 512)
+    b = torch.randn(512, 512)
+    a @ b
+    start = time.perf_counter()
+    reps = 10
+    for _ in range(reps):
+        a @ b
+    return 2 * 512**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def estimate(
+    adapter: ModelAdapter,
+    steps: Sequence[Step],
+    targeted: dict[str, nn.Module],
+    storage_dtype: torch.dtype,
+    calibration_tokens: int,
+    streaming: bool,
+    out_dir: Path | None = None,
+    held_back_tokens: int = 0,
+) -> Plan:
+    elem = torch.empty((), dtype=storage_dtype).element_size()
+    layers = []
+    for name, mod in targeted.items():
+        quantizer_step = next(
+            (s for s in steps if s.quantizes_weights and s.config.selects(name) and getattr(s.config, "spec", None)),
+            None,
+        )
+        if quantizer_step is None:
+            continue
+        spec = quantizer_step.config.spec
+        shape = (out_features(mod), in_features(mod))
+        layers.append(LayerPlan(name, shape, quantizer_step.name, spec.label(), Quantizer(spec).bits_per_weight(shape)))
+    params_total = sum(p.numel() for p in {id(p): p for p in adapter.model.parameters()}.values())
+    quantized_numel = sum(math.prod(layer.shape) for layer in layers)
+    packed = int(
+        sum(layer.bits_per_weight * math.prod(layer.shape) / 8 for layer in layers)
+        + (params_total - quantized_numel) * elem
+    )
+    checkpoint = params_total * elem
+    block_params = max(sum(p.numel() for p in b.parameters()) for b in adapter.blocks)
+    block_bytes = block_params * elem
+    hidden = getattr(adapter.model.config, "hidden_size", 0) or 0
+    widest = max((max(layer.shape) for layer in layers), default=0)
+    needs_data = any(s.needs_calibration for s in steps)
+    act = 2 * (calibration_tokens + 2 * held_back_tokens) * hidden * elem if needs_data else 0
+    hessian = widest * widest * 4 if needs_data else 0
+    work = 3 * widest * widest * 4  # fp32 weight, its update and quantized copy of the largest layer
+    outside = params_total * elem - block_bytes * len(adapter) if streaming else params_total * elem
+    runtime = 600 * 2**20  # the interpreter, torch and transformers themselves
+    peak = int(runtime + outside + 2 * block_bytes + act + hessian + work)
+    disk = checkpoint + (act if streaming else 0)
+    gflops = measured_gflops()
+    flops = 0.0
+    if needs_data:
+        passes = 1 + sum(3 if s.name in ("gptq", "awq") else 1 for s in steps if s.needs_calibration)
+        flops += 2 * block_params * calibration_tokens * passes * len(adapter)
+        if any(s.name == "awq" for s in steps):
+            flops += 2 * block_params * calibration_tokens * 20 * len(adapter)
+    if any(s.name == "gptq" for s in steps):
+        flops += sum(2 * layer.shape[0] * layer.shape[1] ** 2 + layer.shape[1] ** 3 for layer in layers)
+    seconds = flops / (gflops * 1e9) + quantized_numel / 50e6  # plus rounding/bookkeeping per weight
+    notes = [f"{gflops:.0f} GFLOP/s measured on this machine"]
+    if out_dir is not None:
+        free = shutil.disk_usage(Path(out_dir).resolve().parent if not Path(out_dir).exists() else out_dir).free
+        if free < disk:
+            raise PlanError(f"not enough disk space for {out_dir}: about {_gib(disk)} needed, {_gib(free)} free")
+        notes.append(f"{_gib(free)} free on the output disk")
+    return Plan(len(adapter), layers, params_total, checkpoint, packed, peak, disk, seconds, calibration_tokens, notes)

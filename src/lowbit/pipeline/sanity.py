@@ -1,0 +1,118 @@
+"""The check before saving: does the quantized model still behave like the original?
+
+A few calibration samples are held back. The pipeline carries them through every block twice:
+through the full-precision block (before the recipe runs on it) and through the quantized block
+(after). At the end both go through the final norm and head, and the next-token distributions
+are compared: mean KL divergence, top-1 agreement, NaN, and collapse to one repeated token.
+This needs no second copy of the model and works when blocks are streamed from disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .unit import BlockInputs
+
+
+@dataclass
+class SanityReport:
+    tokens: int
+    kl: float
+    top1_agreement: float
+    nonfinite: bool
+    top_token_share: float
+    top_token_share_reference: float
+    collapsed: bool
+    generation: str | None = None
+    generation_reference: str | None = None
+    passed: bool = True
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SanityThresholds:
+    max_kl: float = 1.0
+    collapse_share: float = 0.9  # most frequent predicted token above this share ...
+    reference_share: float = 0.5  # ... while the original stays below this one
+
+
+class SanityCheckFailed(RuntimeError):
+    def __init__(self, report: SanityReport):
+        self.report = report
+        super().__init__(
+            f"sanity check failed: {report.reason} (KL {report.kl:.3f}, top-1 agreement {report.top1_agreement:.3f}, "
+            f"most frequent predicted token share {report.top_token_share:.2f} vs {report.top_token_share_reference:.2f} "
+            "for the original); nothing was saved. Use --force to save anyway."
+        )
+
+
+class SanityTracker:
+    """Held-back samples, carried through the full-precision and the quantized blocks."""
+
+    def __init__(self, held_back: BlockInputs):
+        self.fp = held_back
+        self.q = held_back
+
+    def before(self, unit) -> None:
+        self._pending_fp = unit.forward_inputs(self.fp)
+
+    def after(self, unit) -> None:
+        self.q = self.q.with_hidden(unit.forward_inputs(self.q))
+        self.fp = self.fp.with_hidden(self._pending_fp)
+
+    def state(self) -> dict[str, list[torch.Tensor]]:
+        return {"sanity_fp": self.fp.hidden, "sanity_q": self.q.hidden}
+
+    def restore(self, activations: dict[str, list[torch.Tensor]]) -> None:
+        self.fp = self.fp.with_hidden(activations["sanity_fp"])
+        self.q = self.q.with_hidden(activations["sanity_q"])
+
+    @torch.no_grad()
+    def report(self, head, thresholds: SanityThresholds) -> SanityReport:
+        """``head`` maps final hidden states to logits (final norm + output projection)."""
+        kl = agree = count = 0.0
+        nonfinite = False
+        q_top, fp_top = [], []
+        for hq, hf in zip(self.q.hidden, self.fp.hidden):
+            logits_q = head(hq).float()
+            lq = torch.log_softmax(logits_q, -1).reshape(-1, logits_q.shape[-1])
+            lf = torch.log_softmax(head(hf).float(), -1).reshape(lq.shape)
+            if not torch.isfinite(lq).all():
+                nonfinite = True
+                continue
+            kl += F.kl_div(lq, lf, log_target=True, reduction="sum").item()
+            agree += (lq.argmax(-1) == lf.argmax(-1)).sum().item()
+            count += lq.shape[0]
+            q_top.append(lq.argmax(-1))
+            fp_top.append(lf.argmax(-1))
+        share_q = _top_share(q_top)
+        share_fp = _top_share(fp_top)
+        rep = SanityReport(
+            tokens=int(count),
+            kl=kl / count if count else float("nan"),
+            top1_agreement=agree / count if count else 0.0,
+            nonfinite=nonfinite,
+            top_token_share=share_q,
+            top_token_share_reference=share_fp,
+            collapsed=share_q > thresholds.collapse_share and share_fp < thresholds.reference_share,
+        )
+        if rep.nonfinite:
+            rep.passed, rep.reason = False, "the quantized model produces NaN/Inf"
+        elif rep.collapsed:
+            rep.passed, rep.reason = False, "the quantized model predicts almost only one token"
+        elif rep.kl > thresholds.max_kl:
+            rep.passed, rep.reason = False, f"KL divergence above {thresholds.max_kl}"
+        return rep
+
+
+def _top_share(preds: list[torch.Tensor]) -> float:
+    if not preds:
+        return 1.0
+    p = torch.cat(preds)
+    return float(torch.bincount(p).max()) / len(p)
