@@ -66,3 +66,31 @@ def tiny_llama():
 def random_ids(n=4, t=16, vocab=128, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (n, t), generator=gen)
+
+
+def save_tiny_lm(path, layers=2, hidden=64, intermediate=128, seed=0, dtype=None):
+    """A small random Llama with lowbit's reference tokenizer, saved as a model directory."""
+    from lowbit.models import resolve_model_path
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(resolve_model_path("reference-lm"))
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    model = transformers.LlamaForCausalLM(cfg)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_lm_dir(tmp_path):
+    return save_tiny_lm(tmp_path / "tiny-lm")

@@ -140,6 +140,10 @@ def prepare_calibration(model_or_config, recipe: Recipe, calibration, tokenizer,
     # Samples are held back only from data lowbit samples itself; given tensors are used whole.
     sampled = not isinstance(calibration, (CalibrationData, torch.Tensor))
     extra = options.sanity_samples if causal and sampled and options.sanity_samples > 0 else 0
+    if not recipe.needs_calibration and (tokenizer is None and sampled or not extra):
+        if extra:
+            log.warning("the model has no tokenizer, so the sanity check cannot sample text; skipping it")
+        return None, None
     mode = "windows" if causal else "lines"
     calib = as_calibration(calibration, tokenizer, n_samples=n_samples + extra, seq_len=seq_len, seed=seed, mode=mode)
     if extra and calib.n_samples > extra:

@@ -51,6 +51,10 @@ def add_parser(sub) -> None:
         help="dtype of saved weights (default: the input checkpoint's)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--dry-run", action="store_true", help="check everything and print the plan with estimates; quantize nothing")
+    p.add_argument("--restart", action="store_true", help="discard the progress of an interrupted run instead of resuming it")
+    p.add_argument("--force", action="store_true", help="save even if the sanity check fails")
+    p.add_argument("--sanity-samples", type=int, default=4, help="calibration samples held back for the sanity check (0: off)")
     p.add_argument("--allow-nonfinite", action="store_true", help="replace NaN/Inf weights by 0 instead of refusing")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.set_defaults(run=run)
@@ -81,34 +85,67 @@ def build_recipe(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..api import quantize
+    from ..api import quantize_checkpoint
     from ..export import check_output_dir
-    from ..models import load_model
+    from ..pipeline import PipelineOptions
 
     check_output_dir(args.out, args.overwrite)
     for name in ("n_samples", "seq_len", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.sanity_samples < 0:
+        raise ValueError(f"--sanity-samples must be >= 0, got {args.sanity_samples}")
     recipe = build_recipe(args)
-    loaded = load_model(args.model)
-    result = quantize(
-        loaded,
-        recipe,
-        calibration=args.calibration if recipe.needs_calibration else None,
-        n_samples=args.n_samples,
-        seq_len=args.seq_len,
-        seed=args.seed,
+    options = PipelineOptions(
         device=args.device,
         batch_size=args.batch_size,
         allow_nonfinite=args.allow_nonfinite,
         progress=not args.json,
+        sanity_samples=args.sanity_samples,
     )
-    dtype = getattr(torch, args.save_dtype) if args.save_dtype else None
-    out = result.save(args.out, overwrite=args.overwrite, dtype=dtype)
+    run_ = quantize_checkpoint(
+        args.model,
+        recipe,
+        args.out,
+        calibration=args.calibration,
+        n_samples=args.n_samples,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        options=options,
+        save_dtype=getattr(torch, args.save_dtype) if args.save_dtype else None,
+        overwrite=args.overwrite,
+        restart=args.restart,
+        force=args.force,
+        dry_run=args.dry_run,
+    )
+    console = Console()
+    if args.dry_run:
+        if args.json:
+            print(json.dumps(run_.plan.to_dict(), indent=2))
+        else:
+            console.print(run_.plan.table())
+        return 0
     if args.json:
-        print(json.dumps({"out": str(out), **result.report.to_dict()}, indent=2))
-    else:
-        console = Console()
-        console.print(result.report.table())
-        console.print(f"saved to [bold]{out}[/bold]")
+        print(json.dumps({"out": str(run_.out_dir), **run_.report.to_dict()}, indent=2))
+        return 0
+    console.print(run_.report.table())
+    if run_.sanity is not None:
+        console.print(sanity_table(run_.sanity))
+    if run_.resumed_from_block:
+        console.print(f"resumed an interrupted run at block {run_.resumed_from_block}")
+    console.print(f"saved to [bold]{run_.out_dir}[/bold]")
     return 0
+
+
+def sanity_table(report):
+    from rich.table import Table
+
+    t = Table(title="sanity check (held-back samples, quantized vs original)")
+    t.add_column("check")
+    t.add_column("value", justify="right")
+    t.add_row("tokens", str(report.tokens))
+    t.add_row("mean KL divergence", f"{report.kl:.4f}")
+    t.add_row("top-1 agreement", f"{report.top1_agreement:.4f}")
+    t.add_row("most frequent prediction share", f"{report.top_token_share:.3f} (original {report.top_token_share_reference:.3f})")
+    t.add_row("result", "passed" if report.passed else f"FAILED: {report.reason}")
+    return t

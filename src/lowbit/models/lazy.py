@@ -41,18 +41,17 @@ class SafetensorsCheckpoint:
             self.where = {}
         else:
             raise ModelLoadError(f"{self.path} has no model.safetensors or model.safetensors.index.json")
-        self._handles = {}
         for name in self.files:
             file = self.path / name
             if not file.exists():
                 raise ModelLoadError(f"checkpoint shard {file} is missing")
             try:
-                handle = safe_open(str(file), framework="pt", device="cpu")
+                with safe_open(str(file), framework="pt", device="cpu") as handle:
+                    keys = list(handle.keys())
             except Exception as exc:  # safetensors raises its own error type for corrupt headers
                 raise ModelLoadError(f"checkpoint shard {file} is corrupt: {exc}") from None
-            self._handles[name] = handle
-            if not self.where:
-                self.where = {k: name for k in handle.keys()}  # noqa: SIM118 - safe_open has no __iter__
+            if len(self.files) == 1:
+                self.where = dict.fromkeys(keys, name)
 
     def keys(self) -> list[str]:
         return list(self.where)
@@ -61,12 +60,29 @@ class SafetensorsCheckpoint:
         return name in self.where
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.where:
-            raise ModelLoadError(f"tensor {name} is not in the checkpoint {self.path}")
-        try:
-            return self._handles[self.where[name]].get_tensor(name)
-        except Exception as exc:
-            raise ModelLoadError(f"cannot read tensor {name} from {self.path / self.where[name]}: {exc}") from None
+        return self.get_many([name])[name]
+
+    def get_many(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Read tensors into private memory; each shard is mapped only while it is read, so the
+        pages of blocks already done do not stay resident."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            if name not in self.where:
+                raise ModelLoadError(f"tensor {name} is not in the checkpoint {self.path}")
+            by_file.setdefault(self.where[name], []).append(name)
+        out = {}
+        for file, keys in by_file.items():
+            try:
+                with safe_open(str(self.path / file), framework="pt", device="cpu") as handle:
+                    for key in keys:
+                        out[key] = handle.get_tensor(key).clone()
+            except ModelLoadError:
+                raise
+            except Exception as exc:
+                raise ModelLoadError(f"cannot read {keys[0]} from {self.path / file}: {exc}") from None
+        return out
 
     def fingerprint(self) -> dict[str, str]:
         """Per file: size and a hash of its header and first/last MiB (cheap, changes with content)."""
@@ -124,35 +140,36 @@ class LazyModel:
     @torch.no_grad()
     def materialize(self, module: nn.Module, prefix: str) -> None:
         """Load the parameters of ``module`` (named ``prefix`` in the model) from disk."""
-        for name, tensor in module.named_parameters(prefix=prefix):
-            if tensor.device.type == "meta":
-                self._load(name, tensor)
+        self._load({n: t for n, t in module.named_parameters(prefix=prefix) if t.device.type == "meta"})
 
     @torch.no_grad()
     def materialize_outside(self, blocks_path: str) -> None:
         """Load everything that is not inside the blocks (embeddings, final norm, head)."""
         inside = blocks_path + "."
-        for name, tensor in self.model.named_parameters():
-            if not name.startswith(inside) and tensor.device.type == "meta":
-                self._load(name, tensor)
+        self._load({n: t for n, t in self.model.named_parameters() if not n.startswith(inside) and t.device.type == "meta"})
         if getattr(self.model.config, "tie_word_embeddings", False):
             self.model.tie_weights()
 
-    def _load(self, name: str, current: torch.Tensor) -> None:
+    def _load(self, params: dict[str, torch.Tensor]) -> None:
         from accelerate.utils import set_module_tensor_to_device
 
-        key = self.checkpoint_name(name)
-        if key not in self.checkpoint:
-            tied = self._tied_source(name)
-            if tied is None:
-                raise ModelLoadError(f"tensor {key} is missing from the checkpoint {self.path}")
-            key = self.checkpoint_name(tied)
-        value = self.checkpoint.get(key)
-        if tuple(value.shape) != tuple(current.shape):
-            raise ModelLoadError(
-                f"tensor {key} has shape {tuple(value.shape)} in the checkpoint; the model expects {tuple(current.shape)}"
-            )
-        set_module_tensor_to_device(self.model, name, "cpu", value=value.to(current.dtype))
+        keys = {}
+        for name in params:
+            key = self.checkpoint_name(name)
+            if key not in self.checkpoint:
+                tied = self._tied_source(name)
+                if tied is None:
+                    raise ModelLoadError(f"tensor {key} is missing from the checkpoint {self.path}")
+                key = self.checkpoint_name(tied)
+            keys[name] = key
+        values = self.checkpoint.get_many(list(set(keys.values())))
+        for name, current in params.items():
+            value = values[keys[name]]
+            if tuple(value.shape) != tuple(current.shape):
+                raise ModelLoadError(
+                    f"tensor {keys[name]} has shape {tuple(value.shape)} in the checkpoint; the model expects {tuple(current.shape)}"
+                )
+            set_module_tensor_to_device(self.model, name, "cpu", value=value.to(current.dtype))
 
     def _tied_source(self, name: str) -> str | None:
         """The name of the input embedding when ``name`` is an output head tied to it."""
