@@ -127,6 +127,9 @@ def build_report(
         r = state.results.get(name.removesuffix(".weight")) if name.endswith(".weight") else None
         after += math.ceil(r.bits_per_weight * r.numel / 8) if r is not None else nbytes
     layers = list(state.results.values())
+    extra = dict(extra or {})
+    if state.tokens_per_expert:
+        extra["tokens_per_expert"] = state.tokens_per_expert
     return QuantizationReport(
         layers=layers,
         size_before_bytes=before,
@@ -134,5 +137,5 @@ def build_report(
         quantized_params=sum(r.numel for r in layers),
         total_params=total,
         seconds=seconds,
-        extra=extra or {},
+        extra=extra,
     )

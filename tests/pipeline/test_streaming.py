@@ -28,7 +28,9 @@ def _tensors(directory):
 def test_streamed_result_equals_the_in_memory_result(tiny_lm_dir, tmp_path):
     recipe = [GPTQ(format="int4", group_size=32)]
     opts = PipelineOptions(progress=False, sanity_samples=0)
-    run = quantize_checkpoint(tiny_lm_dir, recipe, tmp_path / "out", n_samples=8, seq_len=64, options=opts, save_dtype=torch.float32)
+    run = quantize_checkpoint(
+        tiny_lm_dir, recipe, tmp_path / "out", n_samples=8, seq_len=64, options=opts, save_dtype=torch.float32
+    )
     streamed = _tensors(run.out_dir)
     loaded = lowbit.load_model(tiny_lm_dir)
     lowbit.quantize(loaded, recipe, calibration="builtin", n_samples=8, seq_len=64, options=opts)
@@ -62,14 +64,30 @@ def test_resume_refuses_a_changed_recipe(tiny_lm_dir, tmp_path):
         ShardWriter.write = original
     with pytest.raises(ResumeMismatch, match="recipe changed"):
         quantize_checkpoint(tiny_lm_dir, [RTN(format="int3", group_size=32)], tmp_path / "out", options=opts)
-    run = quantize_checkpoint(tiny_lm_dir, [RTN(format="int3", group_size=32)], tmp_path / "out", options=opts, restart=True)
+    run = quantize_checkpoint(
+        tiny_lm_dir, [RTN(format="int3", group_size=32)], tmp_path / "out", options=opts, restart=True
+    )
     assert run.resumed_from_block == 0 and run.out_dir.exists()
 
 
 def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
     model = save_tiny_lm(tmp_path / "m", layers=12, hidden=128, intermediate=256)
-    cmd = [sys.executable, "-m", "lowbit", "quantize", str(model), "--method", "gptq", "--group-size", "32",
-           "--n-samples", "16", "--seq-len", "128", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lowbit",
+        "quantize",
+        str(model),
+        "--method",
+        "gptq",
+        "--group-size",
+        "32",
+        "--n-samples",
+        "16",
+        "--seq-len",
+        "128",
+        "--json",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     reference = subprocess.run([*cmd, "--out", str(tmp_path / "ref")], capture_output=True, env=env, timeout=600)
     assert reference.returncode == 0, reference.stderr.decode()
@@ -96,20 +114,26 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
 def test_dry_run_reports_the_plan_and_fails_fast(tiny_lm_dir, tmp_path, monkeypatch):
     opts = PipelineOptions(progress=False)
     start = time.perf_counter()
-    run = quantize_checkpoint(tiny_lm_dir, [GPTQ(format="int4", group_size=32)], tmp_path / "out", options=opts, dry_run=True)
+    run = quantize_checkpoint(
+        tiny_lm_dir, [GPTQ(format="int4", group_size=32)], tmp_path / "out", options=opts, dry_run=True
+    )
     assert time.perf_counter() - start < 30
     plan = run.plan.to_dict()
     assert plan["blocks"] == 2 and len(plan["layers"]) == 14
     assert plan["estimated_peak_memory_bytes"] > 0 and plan["estimated_seconds"] > 0
     assert not (tmp_path / "out").exists()
     with pytest.raises(PlanError, match="group_size 48"):
-        quantize_checkpoint(tiny_lm_dir, [GPTQ(format="int4", group_size=48)], tmp_path / "out", options=opts, dry_run=True)
+        quantize_checkpoint(
+            tiny_lm_dir, [GPTQ(format="int4", group_size=48)], tmp_path / "out", options=opts, dry_run=True
+        )
     from lowbit.calibration import CalibrationError
 
     with pytest.raises(CalibrationError, match="only .* tokens"):
         short = tmp_path / "short.txt"
         short.write_text("too short")
-        quantize_checkpoint(tiny_lm_dir, [GPTQ(group_size=32)], tmp_path / "out", calibration=str(short), options=opts, dry_run=True)
+        quantize_checkpoint(
+            tiny_lm_dir, [GPTQ(group_size=32)], tmp_path / "out", calibration=str(short), options=opts, dry_run=True
+        )
 
     import shutil
     from collections import namedtuple
@@ -140,9 +164,13 @@ print(json.dumps({"baseline_kb": baseline["kb"], "peak_kb": resource.getrusage(r
 def test_streaming_peak_memory_stays_near_one_block(tmp_path):
     model = save_tiny_lm(tmp_path / "m", layers=12, hidden=512, intermediate=2048)
     block_bytes = (4 * 512 * 512 - 2 * 512 * 256 + 3 * 512 * 2048) * 4  # q,o + k,v (GQA) + MLP, fp32
-    res = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(model), str(tmp_path / "out")], capture_output=True, timeout=600)
+    res = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, str(model), str(tmp_path / "out")], capture_output=True, timeout=600
+    )
     assert res.returncode == 0, res.stderr.decode()
     rss = json.loads(res.stdout.decode().strip().splitlines()[-1])
     above = (rss["peak_kb"] - rss["baseline_kb"]) * 1024
-    assert above < 3 * block_bytes, f"{above / 2**20:.1f} MiB above baseline; one block is {block_bytes / 2**20:.1f} MiB"
+    assert above < 3 * block_bytes, (
+        f"{above / 2**20:.1f} MiB above baseline; one block is {block_bytes / 2**20:.1f} MiB"
+    )
     assert (tmp_path / "out" / "model-block-00011.safetensors").exists()

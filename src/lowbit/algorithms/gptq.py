@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -39,6 +40,10 @@ class GPTQConfig(WeightQuantConfig):
             quantized.
         damping_retries: when ``H`` is not positive definite, multiply the dampening by 10 up
             to this many times before falling back to RTN for that layer.
+        min_tokens: layers that saw fewer calibration tokens (e.g. rarely routed experts) are
+            quantized data-free with ``fallback`` instead.
+        fallback: the data-free method for those layers (``hqq`` needs an asymmetric integer
+            format; otherwise ``rtn`` is used).
     """
 
     block_size: int = 128
@@ -47,6 +52,8 @@ class GPTQConfig(WeightQuantConfig):
     static_groups: bool = False
     true_sequential: bool = True
     damping_retries: int = 4
+    min_tokens: int = 16
+    fallback: Literal["rtn", "hqq"] = "rtn"
 
 
 @dataclass
@@ -177,15 +184,26 @@ def gptq_quantize(
 
 
 def layer_subsets(unit, selected: dict[str, nn.Module], sequential: bool) -> list[list[list[str]]]:
-    """Selected layers as execution-ordered subsets; each subset is a list of input-sharing groups."""
+    """Selected layers as execution-ordered subsets; each subset is a list of input-sharing groups.
+
+    Consecutive groups of the same stage (e.g. all experts' gate/up) form one subset: they are
+    independent, so one calibration pass serves them all.
+    """
     if not sequential:
         return [[[n] for n in selected]]
-    subsets, placed = [], set()
+    subsets: list[list[list[str]]] = []
+    placed: set[str] = set()
+    last_stage = None
     for group in unit.groups:
         names = [unit.full_name(rel) for rel in group.linears if unit.full_name(rel) in selected]
-        if names:
+        if not names:
+            continue
+        if group.stage is not None and group.stage == last_stage:
+            subsets[-1].append(names)
+        else:
             subsets.append([names])
-            placed.update(names)
+        last_stage = group.stage
+        placed.update(names)
     rest = [[n] for n in selected if n not in placed]
     if rest:
         subsets.append(rest)
@@ -228,8 +246,10 @@ class GPTQ(Step):
         self, unit, name: str, module: nn.Module, acc: HessianAccumulator, quantizer: Quantizer
     ) -> None:
         cfg: GPTQConfig = self.config
-        if acc.tokens == 0:
-            self._fallback(unit, {name: module}, quantizer, "layer saw no calibration tokens")
+        if acc.tokens < cfg.min_tokens:
+            self._fallback(
+                unit, {name: module}, quantizer, f"layer saw {acc.tokens} calibration tokens (< {cfg.min_tokens})"
+            )
             return
         start = time.perf_counter()
         W = weight_of(module).detach().float().to(acc.H.device)
@@ -267,8 +287,19 @@ class GPTQ(Step):
         )
 
     def _fallback(self, unit, layers: dict[str, nn.Module], quantizer: Quantizer, reason: str) -> None:
+        spec = quantizer.spec
+        use_hqq = (
+            self.config.fallback == "hqq" and spec.kind == "int" and not spec.symmetric and spec.zero_dtype != "int"
+        )
         for name, module in layers.items():
             start = time.perf_counter()
-            log.warning("%s: %s; using RTN", name, reason)
-            qt = quantizer.quantize(weight_of(module).detach().float())
-            unit.commit(name, module, qt, "rtn", seconds=time.perf_counter() - start, note=f"GPTQ fallback: {reason}")
+            method = "hqq" if use_hqq else "rtn"
+            log.warning("%s: %s; using %s", name, reason, method.upper())
+            w = weight_of(module).detach().float()
+            if use_hqq:
+                from .hqq import HQQConfig, hqq_quantize
+
+                qt = hqq_quantize(w, quantizer, HQQConfig(format=spec))
+            else:
+                qt = quantizer.quantize(w)
+            unit.commit(name, module, qt, method, seconds=time.perf_counter() - start, note=f"GPTQ fallback: {reason}")

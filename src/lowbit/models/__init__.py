@@ -11,6 +11,7 @@ from .architectures import (
 )
 from .linear import LINEAR_TYPES, in_features, is_linear, out_features, set_weight, weight_of
 from .loading import BUILTIN_MODELS, LoadedModel, ModelLoadError, checkpoint_dtype, load_model, resolve_model_path
+from .moe import MoESpec, UnfusedExperts
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -18,9 +19,11 @@ __all__ = [
     "Architecture",
     "LinearGroup",
     "LoadedModel",
+    "MoESpec",
     "ModelAdapter",
     "ModelLoadError",
     "ResolvedGroup",
+    "UnfusedExperts",
     "UnsupportedArchitectureError",
     "architecture_for",
     "checkpoint_dtype",

@@ -8,6 +8,7 @@ from torch import nn
 
 from .architectures import Architecture, LinearGroup, UnsupportedArchitectureError, architecture_for
 from .linear import in_features, is_linear, out_features
+from .moe import experts_of, refuse_experts, unfuse_experts
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class ResolvedGroup:
     prev: nn.Module | None
     inspect_name: str | None
     inspect: nn.Module | None
+    stage: str | None = None
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module | None:
@@ -83,11 +85,42 @@ class ModelAdapter:
         """The architecture's linear groups in block ``index``, checked against the real modules."""
         block = self.blocks[index]
         out = []
-        for group in self.arch.groups:
+        for group in (*self.arch.groups, *self._expert_groups(block)):
             resolved = self._resolve(block, group)
             if resolved is not None:
                 out.append(resolved)
         return out
+
+    def _expert_groups(self, block: nn.Module) -> list[LinearGroup]:
+        spec = self.arch.moe
+        experts = experts_of(block, spec)
+        if experts is None:
+            return []
+        base = spec.path
+        first = [
+            LinearGroup((f"{base}.{e}.{spec.gate}", f"{base}.{e}.{spec.up}"), stage="experts_in")
+            for e in range(len(experts))
+        ]
+        second = [
+            LinearGroup((f"{base}.{e}.{spec.down}",), prev=f"{base}.{e}.{spec.up}", stage="experts_out")
+            for e in range(len(experts))
+        ]
+        return first + second
+
+    # ------------------------------------------------------------------ mixture of experts
+    def unfuse_experts(self) -> int:
+        """Replace fused expert modules by per-expert Linears (views); returns how many blocks had them."""
+        if self.arch.moe is None:
+            return 0
+        return sum(unfuse_experts(block, self.arch.moe) is not None for block in self.blocks)
+
+    def refuse_experts(self) -> None:
+        if self.arch.moe is not None:
+            for block in self.blocks:
+                refuse_experts(block, self.arch.moe)
+
+    def experts(self, index: int):
+        return experts_of(self.blocks[index], self.arch.moe)
 
     @staticmethod
     def _resolve(block: nn.Module, group: LinearGroup) -> ResolvedGroup | None:
@@ -106,6 +139,7 @@ class ModelAdapter:
             prev=prev,
             inspect_name=group.inspect if inspect is not None else None,
             inspect=inspect,
+            stage=group.stage,
         )
 
     # ------------------------------------------------------------------ head

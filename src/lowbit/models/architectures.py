@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .moe import MoESpec
+
 
 @dataclass(frozen=True)
 class LinearGroup:
@@ -32,11 +34,14 @@ class LinearGroup:
             norm that also feeds the residual, or a non-homogeneous activation in between).
         inspect: a module whose output measures the group's error (AWQ compares it before and
             after scaling); defaults to the linears' own outputs.
+        stage: groups with the same stage are independent of each other (e.g. the experts of a
+            MoE block) and can be calibrated in one pass.
     """
 
     linears: tuple[str, ...]
     prev: str | None = None
     inspect: str | None = None
+    stage: str | None = None
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class Architecture:
         final_norm: candidate paths of the norm after the last block.
         lm_head: path of the output projection, if any.
         norm_offset: RMSNorms of this family compute ``x * (offset + weight)`` (Gemma: 1).
-        moe_experts: block-relative path of a fused Mixture-of-Experts module, if any.
+        moe: where the fused Mixture-of-Experts module is, if any.
     """
 
     name: str
@@ -62,7 +67,7 @@ class Architecture:
     final_norm: tuple[str, ...] = ()
     lm_head: str | None = "lm_head"
     norm_offset: float = 0.0
-    moe_experts: str | None = None
+    moe: MoESpec | None = None
     notes: str = field(default="", compare=False)
 
 
@@ -219,7 +224,9 @@ register_architecture(
         block_paths=("model.layers", "layers"),
         groups=_MOE_ATTN,
         final_norm=("model.norm", "norm"),
-        moe_experts="mlp.experts",
+        moe=MoESpec(
+            path="mlp.experts", model_prefix="mlp", checkpoint_prefix="block_sparse_moe", gate="w1", up="w3", down="w2"
+        ),
     )
 )
 register_architecture(
@@ -233,6 +240,6 @@ register_architecture(
             LinearGroup(("mlp.shared_expert.down_proj",), prev="mlp.shared_expert.up_proj"),
         ),
         final_norm=("model.norm", "norm"),
-        moe_experts="mlp.experts",
+        moe=MoESpec(),
     )
 )

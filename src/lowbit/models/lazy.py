@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -123,6 +124,7 @@ class LazyModel:
             self.model: nn.Module = cls.from_config(config, dtype=self.dtype)
         self.model.eval()
         self._prefix = self._checkpoint_prefix()
+        self._renames: list[tuple[re.Pattern, str]] = []
 
     def _checkpoint_prefix(self) -> str:
         """Checkpoints of bare models (e.g. BertModel) may store names with or without a prefix."""
@@ -135,7 +137,16 @@ class LazyModel:
         return ""
 
     def checkpoint_name(self, name: str) -> str:
+        for pattern, replacement in self._renames:
+            name = pattern.sub(replacement, name)
         return self._prefix + name
+
+    def rename_in_blocks(self, blocks_path: str, model_prefix: str, checkpoint_prefix: str) -> None:
+        """Map ``<block>.<model_prefix>.*`` to ``<block>.<checkpoint_prefix>.*`` (e.g. Mixtral's
+        ``mlp`` is ``block_sparse_moe`` on disk)."""
+        if model_prefix != checkpoint_prefix:
+            pattern = re.compile(rf"^({re.escape(blocks_path)}\.\d+)\.{re.escape(model_prefix)}\.")
+            self._renames.append((pattern, rf"\1.{checkpoint_prefix}."))
 
     @torch.no_grad()
     def materialize(self, module: nn.Module, prefix: str) -> None:
@@ -146,7 +157,9 @@ class LazyModel:
     def materialize_outside(self, blocks_path: str) -> None:
         """Load everything that is not inside the blocks (embeddings, final norm, head)."""
         inside = blocks_path + "."
-        self._load({n: t for n, t in self.model.named_parameters() if not n.startswith(inside) and t.device.type == "meta"})
+        self._load(
+            {n: t for n, t in self.model.named_parameters() if not n.startswith(inside) and t.device.type == "meta"}
+        )
         if getattr(self.model.config, "tie_word_embeddings", False):
             self.model.tie_weights()
 

@@ -101,6 +101,9 @@ def quantize_directory(
     lazy = LazyModel(model_dir)
     save_dtype = save_dtype or lazy.dtype
     adapter = ModelAdapter(lazy.model)
+    if adapter.unfuse_experts() and adapter.arch.moe is not None:
+        moe = adapter.arch.moe
+        lazy.rename_in_blocks(adapter.blocks_path, moe.model_prefix, moe.checkpoint_prefix)
     targeted = check_plan(adapter, recipe.steps, options.allow_nonfinite)
     mark_followers(recipe.steps, list(targeted))
     tokens = calibration.tokens() if calibration is not None else 0

@@ -35,6 +35,7 @@ class ResumePoint:
     next_block: int
     activations: dict[str, list[torch.Tensor]]
     results: dict[str, LayerResult]
+    tokens_per_expert: dict[str, list[int]]
 
 
 class RunDirectory:
@@ -71,10 +72,14 @@ class RunDirectory:
             activations.setdefault(stream, []).append(tensors[key])
         results = {r["name"]: LayerResult(**{**r, "shape": tuple(r["shape"])}) for r in saved["results"]}
         log.info("resuming at block %d of the interrupted run in %s", saved["next_block"], self.path)
-        return ResumePoint(saved["next_block"], activations, results)
+        return ResumePoint(saved["next_block"], activations, results, saved.get("tokens_per_expert", {}))
 
     def save(
-        self, next_block: int, activations: dict[str, list[torch.Tensor]], results: dict[str, LayerResult]
+        self,
+        next_block: int,
+        activations: dict[str, list[torch.Tensor]],
+        results: dict[str, LayerResult],
+        tokens_per_expert: dict[str, list[int]] | None = None,
     ) -> None:
         """Record progress; the activations file is replaced before the run file names it."""
         self.path.mkdir(parents=True, exist_ok=True)
@@ -87,6 +92,7 @@ class RunDirectory:
             "next_block": next_block,
             "fingerprint": self.fingerprint,
             "results": [asdict(r) for r in results.values()],
+            "tokens_per_expert": tokens_per_expert or {},
         }
         tmp = self.run_file.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=1))

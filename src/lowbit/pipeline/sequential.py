@@ -8,6 +8,7 @@ device; the rest of the model stays where it is.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -47,6 +48,9 @@ class PipelineOptions:
         sanity_samples: calibration samples held back to compare the quantized model with the
             original before saving (causal LMs; 0 turns the check off).
         sanity: thresholds of that check.
+        moe_route_all: during calibration, run every token through every expert of MoE blocks
+            (their outputs still combine only the routed experts), so that every expert gets
+            statistics.
     """
 
     device: str | None = None
@@ -57,6 +61,7 @@ class PipelineOptions:
     progress: bool = True
     sanity_samples: int = 4
     sanity: SanityThresholds = field(default_factory=SanityThresholds)
+    moe_route_all: bool = False
 
     def resolved_device(self) -> torch.device:
         if self.device:
@@ -167,6 +172,7 @@ def run_pipeline(
     options = options or PipelineOptions()
     store = store or InMemoryStore()
     adapter = ModelAdapter(model)
+    adapter.unfuse_experts()
     targeted = check_plan(adapter, steps, options.allow_nonfinite)
     mark_followers(steps, list(targeted))
     needs_data = [s.name for s in steps if s.needs_calibration]
@@ -184,6 +190,7 @@ def run_pipeline(
     if resume is not None:
         start_block = resume.next_block
         state.results.update(resume.results)
+        state.tokens_per_expert.update(resume.tokens_per_expert)
         if inputs is not None:
             inputs = inputs.with_hidden(resume.activations["hidden"])
         if sanity is not None:
@@ -218,16 +225,28 @@ def run_pipeline(
                 device=device,
                 norm_offset=adapter.arch.norm_offset,
             )
+            experts = adapter.experts(index)
+            if experts is not None:
+                experts.route_all = options.moe_route_all
             if sanity is not None:
                 sanity.before(unit)
-            fp_outputs = unit.run() if inputs is not None and options.propagate == "fp" else None
+            with _count_routing(experts, state, f"{name}.{adapter.arch.moe.path}" if experts is not None else ""):
+                fp_outputs = unit.run() if inputs is not None and options.propagate == "fp" else None
             for step in steps:
                 progress.update(f"block {index + 1}/{len(adapter)}: {step.name}")
                 step.apply(unit)
             if inputs is not None:
-                outputs = fp_outputs if fp_outputs is not None else unit.run()
+                if fp_outputs is None:
+                    with _count_routing(
+                        experts, state, f"{name}.{adapter.arch.moe.path}" if experts is not None else ""
+                    ):
+                        outputs = unit.run()
+                else:
+                    outputs = fp_outputs
                 _check_activations(outputs, name)
                 inputs = inputs.with_hidden(outputs)
+            if experts is not None:
+                experts.route_all = False
             if sanity is not None:
                 sanity.after(unit)
             block.to(home)
@@ -236,7 +255,7 @@ def run_pipeline(
                 activations = {"hidden": inputs.hidden} if inputs is not None else {}
                 if sanity is not None:
                     activations.update(sanity.state())
-                run_dir.save(index + 1, activations, state.results)
+                run_dir.save(index + 1, activations, state.results, state.tokens_per_expert)
             log.info("%s done in %.2fs", name, time.perf_counter() - started)
 
         _norm_name, norm = adapter.final_norm()
@@ -265,6 +284,22 @@ def run_pipeline(
         report = sanity.report(lambda h: head(norm(h) if norm is not None else h), options.sanity)
     store.finish(adapter)
     return PipelineResult(state, report)
+
+
+@contextlib.contextmanager
+def _count_routing(experts, state: QuantState, key: str):
+    """Count the tokens routed to each expert during one full pass over the calibration data."""
+    if experts is None:
+        yield
+        return
+    experts.tokens_seen.zero_()
+    experts.counting = True
+    try:
+        yield
+    finally:
+        experts.counting = False
+    if int(experts.tokens_seen.sum()) > 0:
+        state.tokens_per_expert[key] = experts.tokens_seen.tolist()
 
 
 def _no_forward(h, a, kw):

@@ -33,7 +33,7 @@ class InMemoryStore:
         pass
 
     def finish(self, adapter: ModelAdapter) -> None:
-        pass
+        adapter.refuse_experts()  # give the model back in its own (fused) module layout
 
 
 class StreamingStore:

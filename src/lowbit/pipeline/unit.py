@@ -69,6 +69,8 @@ class QuantState:
     quantized: dict[str, QuantizedTensor] = field(default_factory=dict)
     keep_codes: bool = True
     on_commit: Callable[[LayerResult], None] | None = None
+    #: per MoE experts module: calibration tokens routed to each expert
+    tokens_per_expert: dict[str, list[int]] = field(default_factory=dict)
 
 
 class StopForward(Exception):
