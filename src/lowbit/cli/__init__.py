@@ -10,9 +10,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from .. import __version__
-from . import eval_cmd, models_cmd, quantize_cmd
+from . import eval_cmd, models_cmd, quantize_cmd, vq_cmd
 
-COMMANDS = (quantize_cmd, eval_cmd, models_cmd)
+COMMANDS = (quantize_cmd, eval_cmd, models_cmd, vq_cmd)
 
 
 class UsageError(Exception):

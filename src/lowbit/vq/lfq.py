@@ -4,8 +4,8 @@ Each channel becomes one bit: LFQ codes are sign(z) in {-1, 1}^d; BSQ first proj
 uses sign(u)/sqrt(d), so codes lie on the sphere too. The index is the bit pattern read as a binary number.
 
 The entropy loss (per-sample entropy minus gamma * codebook entropy) uses soft assignments
-q(c | z) ~ exp(-|z - c|^2 / temperature). For a sign codebook that distribution factorises over channels:
-p(bit_i = 1) = sigmoid(4 s z_i / temperature) with s the code magnitude, so no (N, 2^d) distance matrix is needed
+q(c | z) ~ exp(-|z - c|^2 / (temperature s^2)), s the code magnitude. For a sign codebook that distribution
+factorises over channels: p(bit_i = 1) = sigmoid(4 z_i / (s temperature)), so no (N, 2^d) distance matrix is needed
 for the per-sample term. The codebook term is exact up to ``exact_entropy_max_bits`` bits and uses the per-bit
 factorised bound above that.
 """
@@ -67,7 +67,9 @@ class LFQ(Quantizer):
     def entropy_terms(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """(mean per-sample entropy, entropy of the mean assignment), both in nats."""
         cfg = self.config
-        logits = 4 * self.scale * z / cfg.temperature
+        # -|z - c|^2 / (temperature * s^2): distances measured in units of the code magnitude s, so one temperature
+        # means the same softness for LFQ (s = 1) and BSQ (s = 1/sqrt(d)).
+        logits = 4 * z / (self.scale * cfg.temperature)
         p = torch.sigmoid(logits)  # (N, d): probability that bit i is 1
         per_sample = binary_entropy(p).sum(-1).mean()
         if cfg.dim <= cfg.exact_entropy_max_bits:
