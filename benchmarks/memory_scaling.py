@@ -1,0 +1,88 @@
+"""Peak memory and seconds per block when quantizing large random Llamas on this CPU.
+
+    python benchmarks/make_random_llama.py --size 1b --out /tmp/llama-1b
+    python benchmarks/memory_scaling.py --model /tmp/llama-1b --mode streaming --method gptq
+    python benchmarks/memory_scaling.py --model /tmp/llama-1b --mode in-memory --method gptq
+
+Each measurement runs in a fresh process and reports its peak RSS (ru_maxrss) against the bf16
+checkpoint size. ``streaming`` is what ``lowbit quantize`` does (blocks read from disk one at a
+time, written out as they finish); ``in-memory`` loads the whole model and quantizes it in place
+(``lowbit.quantize`` on an nn.Module). Results are appended to benchmarks/results/memory_scaling.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, command, machine  # noqa: E402
+
+
+def checkpoint_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--mode", choices=["streaming", "in-memory"], required=True)
+    p.add_argument("--method", choices=["rtn", "gptq"], default="gptq")
+    p.add_argument("--n-samples", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--out", default="/tmp/lowbit-memory-out")
+    args = p.parse_args()
+
+    import lowbit
+    from lowbit.algorithms import GPTQ, RTN
+    from lowbit.api import quantize_checkpoint
+    from lowbit.pipeline import PipelineOptions
+
+    model_dir = Path(args.model)
+    size = checkpoint_bytes(model_dir)
+    step = (GPTQ if args.method == "gptq" else RTN)(format="int4", group_size=128, symmetric=False)
+    options = PipelineOptions(progress=True, sanity_samples=2, batch_size=4)
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
+    start = time.perf_counter()
+    if args.mode == "streaming":
+        run = quantize_checkpoint(model_dir, [step], out, n_samples=args.n_samples, seq_len=args.seq_len, options=options, force=True)
+        report = run.report
+    else:
+        loaded = lowbit.load_model(model_dir, dtype=torch.bfloat16)
+        result = lowbit.quantize(loaded, [step], calibration="builtin", n_samples=args.n_samples, seq_len=args.seq_len, options=options)
+        report = result.report
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    blocks = len({r.name.split(".")[2] for r in report.layers if r.name.startswith("model.layers.")})
+    row = {
+        "model": str(model_dir),
+        "mode": args.mode,
+        "method": args.method,
+        "calibration": f"{args.n_samples} x {args.seq_len}",
+        "checkpoint_gib": size / 2**30,
+        "peak_rss_gib": peak / 2**30,
+        "peak_over_checkpoint": peak / size,
+        "seconds": seconds,
+        "seconds_per_block": seconds / max(1, blocks),
+        "blocks": blocks,
+        "command": command(),
+        "machine": machine(),
+    }
+    RESULTS.mkdir(exist_ok=True)
+    with open(RESULTS / "memory_scaling.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
