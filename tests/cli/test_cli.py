@@ -190,3 +190,31 @@ def test_interrupting_a_run_leaves_no_output_dir(tmp_path):
     assert "interrupted" in err.decode()
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_prints_the_plan(tiny_lm_dir, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert run_cli("quantize", tiny_lm_dir, "--method", "gptq", "--group-size", "32", "--out", out, "--dry-run", "--json") == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["blocks"] == 2 and len(plan["layers"]) == 14
+    assert {"estimated_peak_memory_bytes", "estimated_disk_bytes", "estimated_seconds"} <= set(plan)
+    assert not out.exists()
+    assert run_cli("quantize", tiny_lm_dir, "--method", "gptq", "--group-size", "32", "--out", out, "--dry-run") == 0
+    assert "estimated peak memory" in capsys.readouterr().out
+
+
+def test_eval_json_keys(tiny_lm_dir, capsys):
+    assert run_cli("eval", tiny_lm_dir, "--reference", tiny_lm_dir, "--max-tokens", "600", "--context", "128", "--stride", "64", "--json") == 0
+    res = json.loads(capsys.readouterr().out)
+    assert {"ppl", "kl", "top1_agreement"} <= set(res)
+    assert res["kl"] == pytest.approx(0.0, abs=1e-6) and res["top1_agreement"] == 1.0
+    assert run_cli("eval", tiny_lm_dir, "--embeddings", "--reference", tiny_lm_dir) == 2
+    assert "--embeddings needs an encoder" in capsys.readouterr().err
+    assert run_cli("eval", tiny_lm_dir, "--kl") == 2
+    assert "--kl needs --reference" in capsys.readouterr().err
+
+
+def test_models_lists_the_builtins(capsys):
+    assert run_cli("models", "--json") == 0
+    names = {m["name"] for m in json.loads(capsys.readouterr().out)}
+    assert names == {"reference-lm", "minilm"}

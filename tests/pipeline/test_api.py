@@ -119,3 +119,34 @@ def test_text_calibration_uses_the_tokenizer(tmp_path):
     )
     assert len(res.report.layers) == 7
     assert "4 x 64 tokens" in res.report.extra["calibration"]
+
+
+def test_nan_activations_name_the_block():
+    model = build_family("llama")
+    with torch.no_grad():
+        model.model.layers[1].post_attention_layernorm.weight[0] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"model\.layers\.1 produced NaN/Inf activations"):
+        lowbit.quantize(model, GPTQ(format="int4", group_size=32), calibration=random_ids(4, 16))
+
+
+def test_calibration_from_a_hugging_face_dataset(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from transformers import AutoTokenizer
+
+    from lowbit.calibration import from_hf_dataset
+    from lowbit.models import resolve_model_path
+
+    rows = {"text": ["Friends, Romans, countrymen, lend me your ears. " * 20] * 5}
+    calls = {}
+
+    def fake_load(name, config_name=None, split=None):
+        calls.update(name=name, split=split)
+        return datasets.Dataset.from_dict(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("reference-lm"))
+    data = from_hf_dataset("some/corpus", tok, split="validation", n_samples=3, seq_len=32, seed=1)
+    assert calls == {"name": "some/corpus", "split": "validation"}
+    assert data.input_ids.shape == (3, 32)
+    with pytest.raises(CalibrationError, match="no field 'content'"):
+        from_hf_dataset("some/corpus", tok, text_field="content", n_samples=3, seq_len=32)
