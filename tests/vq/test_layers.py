@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -244,7 +245,7 @@ def test_residual_vq_error_drops_with_more_quantizers():
         q(x)
     q.eval()
     errors = [float(F.mse_loss(q(x, n_quantizers=n).quantized, x)) for n in range(1, 5)]
-    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    assert all(b < a for a, b in itertools.pairwise(errors)), errors
     assert errors[-1] < 0.6 * errors[0]
 
 

@@ -127,9 +127,13 @@ class Quantizer(nn.Module):
 
     def forward(self, x: Tensor, **kwargs: Any) -> VQOutput:
         if not isinstance(x, Tensor) or not x.is_floating_point():
-            raise TypeError(f"{type(self).__name__} expects a floating-point tensor, got {getattr(x, 'dtype', type(x))}")
+            raise TypeError(
+                f"{type(self).__name__} expects a floating-point tensor, got {getattr(x, 'dtype', type(x))}"
+            )
         if x.ndim < 2:
-            raise ValueError(f"{type(self).__name__} expects at least 2 dims (tokens and channels), got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{type(self).__name__} expects at least 2 dims (tokens and channels), got shape {tuple(x.shape)}"
+            )
         c = self._channel_axis(x.ndim)
         if x.shape[c] != self.dim:
             raise ValueError(

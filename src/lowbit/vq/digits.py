@@ -107,7 +107,9 @@ class DigitsConfig:
     overrides: dict[str, Any] = field(default_factory=dict)  # quantizer options on top of the preset
 
     def __post_init__(self) -> None:
-        check(self.quantizer in QUANTIZERS, "quantizer", f"must be one of {', '.join(QUANTIZERS)}, got {self.quantizer!r}")
+        check(
+            self.quantizer in QUANTIZERS, "quantizer", f"must be one of {', '.join(QUANTIZERS)}, got {self.quantizer!r}"
+        )
         check(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -158,7 +160,11 @@ class DigitsTrainer:
             self.optimizer.step()
             self.step_times.append(time.perf_counter() - start)
             self._rng = torch.get_rng_state()
-        losses = {"loss": float(loss.detach()), "recon_mse": float(recon_loss.detach()), "aux_loss": float(out[2].detach())}
+        losses = {
+            "loss": float(loss.detach()),
+            "recon_mse": float(recon_loss.detach()),
+            "aux_loss": float(out[2].detach()),
+        }
         if not math.isfinite(losses["loss"]):
             raise RuntimeError(f"training diverged at step {len(self.step_times)} (loss={losses['loss']})")
         return losses

@@ -1,7 +1,7 @@
 """Finite scalar quantization (Mentzer et al. 2023): round each channel to a fixed grid, no codebook to learn.
 
-Channel i is bounded to L_i levels and rounded; the implicit codebook is the product grid of prod(L_i) points,
-normalised to [-1, 1]. No auxiliary loss, no collapse: every grid point is reachable by construction.
+Channel i is bounded with tanh to L_i levels and rounded; the implicit codebook is the product grid of prod(L_i)
+points, spaced evenly in [-1, 1]. No auxiliary loss, no collapse: every grid point is reachable by construction.
 """
 
 from __future__ import annotations
@@ -57,30 +57,34 @@ class FSQ(Quantizer):
     def codebook_sizes(self) -> list[int]:
         return [math.prod(self.config.levels)]
 
-    def bound(self, z: Tensor, eps: float = 1e-3) -> Tensor:
-        """Squash to a range whose rounding yields exactly L values per channel (even L needs a half-step offset)."""
+    def bound(self, z: Tensor) -> Tensor:
+        """Squash channel i into (-0.5, L_i - 0.5) so rounding gives L_i equal-width bins (in tanh space).
+
+        A symmetric variant of the paper's bound: its even-L offset puts z = 0 next to a bin edge and makes L = 2
+        almost unreachable on one side; here every L >= 2 gets a grid symmetric about 0.
+        """
         levels = self.levels.to(z.dtype)
-        half_l = (levels - 1) * (1 + eps) / 2
-        offset = torch.where(self.levels % 2 == 0, 0.5, 0.0).to(z.dtype)
-        shift = torch.atanh(offset / half_l)
-        return torch.tanh(z + shift) * half_l - offset
+        return (torch.tanh(z) + 1) / 2 * levels - 0.5
 
     def _quantize(self, x: Tensor) -> QuantizerResult:  # type: ignore[override]
         bounded = self.bound(x)
-        rounded = straight_through(bounded, bounded.round())
-        half_width = (self.levels // 2).to(x.dtype)
-        codes = rounded / half_width
-        digits = (rounded.detach() + half_width).long()
-        indices = (digits * self.basis).sum(dim=-1)
+        # Clamp: tanh saturates to exactly +-1 in fp32, and round(L - 0.5) would step off the grid.
+        digits = torch.minimum(bounded.round().clamp_min(0), (self.levels - 1).to(x.dtype))
+        rounded = straight_through(bounded, digits)
+        codes = self._digits_to_codes(rounded)
+        indices = (digits.long() * self.basis).sum(dim=-1)
         return QuantizerResult(codes, indices, x.new_zeros(()), {})
+
+    def _digits_to_codes(self, digits: Tensor) -> Tensor:
+        half = (self.levels - 1).to(digits.dtype) / 2
+        return (digits - half) / half  # grid points in [-1, 1]
 
     def _decode(self, indices: Tensor) -> Tensor:
         digits = (indices[:, None] // self.basis) % self.levels
-        half_width = (self.levels // 2).float()
-        return (digits.float() - half_width) / half_width
+        return self._digits_to_codes(digits.float())
 
     def codes_to_indices(self, codes: Tensor) -> Tensor:
         """Inverse of ``indices_to_codes`` for codes with channels last."""
-        half_width = (self.levels // 2).to(codes.dtype)
-        digits = (codes * half_width + half_width).round().long()
+        half = (self.levels - 1).to(codes.dtype) / 2
+        digits = (codes * half + half).round().long()
         return (digits * self.basis).sum(dim=-1)

@@ -1,6 +1,6 @@
 """k-means for codebook initialisation, data-parallel aware.
 
-Seeds are drawn on rank 0 and broadcast; per-iteration cluster sums and counts are all-reduced, so every rank
+Seeds (k-means++) are drawn on rank 0 and broadcast; per-iteration cluster sums and counts are all-reduced, so every rank
 ends with the same centroids that a single process would compute on the concatenated batches.
 """
 
@@ -29,6 +29,24 @@ def assign(x: Tensor, centroids: Tensor, cosine: bool = False) -> Tensor:
     return dist.argmin(dim=-1)
 
 
+def kmeans_plus_plus(x: Tensor, k: int, cosine: bool = False) -> Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007): each new seed is drawn with probability proportional to its
+    squared distance from the seeds so far, which avoids Lloyd's classic trap of two seeds in one cluster."""
+    n = x.shape[0]
+    if n <= k:  # not enough distinct rows to choose from: sample with replacement
+        return sample_rows(x, k)
+    seeds = torch.empty(k, x.shape[1], dtype=x.dtype, device=x.device)
+    seeds[0] = x[torch.randint(0, n, (1,), device=x.device)]
+    nearest = torch.full((n,), float("inf"), device=x.device)
+    for i in range(1, k):
+        d = 1 - x @ seeds[i - 1] if cosine else (x - seeds[i - 1]).pow(2).sum(-1)
+        nearest = torch.minimum(nearest, d.clamp_min(0))
+        total = nearest.sum()
+        pick = torch.multinomial(nearest / total, 1) if total > 0 else torch.randint(0, n, (1,), device=x.device)
+        seeds[i] = x[pick]
+    return broadcast_(seeds)  # seeded from rank 0's batch; Lloyd iterations below then use every rank's data
+
+
 @torch.no_grad()
 def kmeans(x: Tensor, k: int, iters: int = 10, cosine: bool = False) -> tuple[Tensor, Tensor]:
     """Lloyd's k-means on rows of ``x`` (N, d). Returns ``(centroids (k, d), counts (k,))``.
@@ -42,7 +60,7 @@ def kmeans(x: Tensor, k: int, iters: int = 10, cosine: bool = False) -> tuple[Te
     x = x.float()
     if cosine:
         x = F.normalize(x, dim=-1)
-    centroids = sample_rows(x, k)
+    centroids = kmeans_plus_plus(x, k, cosine)
     counts = torch.zeros(k, device=x.device)
     for _ in range(max(iters, 1)):
         idx = assign(x, centroids, cosine)

@@ -35,7 +35,11 @@ class LFQConfig:
     exact_entropy_max_bits: int = 12
 
     def __post_init__(self) -> None:
-        check(isinstance(self.dim, int) and 1 <= self.dim <= 62, "dim", f"must be an int in [1, 62] bits, got {self.dim!r}")
+        check(
+            isinstance(self.dim, int) and 1 <= self.dim <= 62,
+            "dim",
+            f"must be an int in [1, 62] bits, got {self.dim!r}",
+        )
         check(self.entropy_weight >= 0, "entropy_weight", f"must be >= 0, got {self.entropy_weight}")
         check(self.diversity_gamma >= 0, "diversity_gamma", f"must be >= 0, got {self.diversity_gamma}")
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")

@@ -71,7 +71,9 @@ class UsageMeter:
     def update(self, indices: Tensor) -> None:
         if self.multi_codebook:
             if indices.shape[-1] != len(self.codebook_sizes):
-                raise ValueError(f"expected a trailing axis of {len(self.codebook_sizes)} codebooks, got {tuple(indices.shape)}")
+                raise ValueError(
+                    f"expected a trailing axis of {len(self.codebook_sizes)} codebooks, got {tuple(indices.shape)}"
+                )
             for m, k in enumerate(self.codebook_sizes):
                 self.counts[m] += code_histogram(indices[..., m], k)
         else:

@@ -37,7 +37,11 @@ class ResidualVQConfig:
 
     def __post_init__(self) -> None:
         check(self.num_quantizers >= 1, "num_quantizers", f"must be >= 1, got {self.num_quantizers}")
-        check(0.0 <= self.quantizer_dropout <= 1.0, "quantizer_dropout", f"must be in [0, 1], got {self.quantizer_dropout}")
+        check(
+            0.0 <= self.quantizer_dropout <= 1.0,
+            "quantizer_dropout",
+            f"must be in [0, 1], got {self.quantizer_dropout}",
+        )
         stage_config(self.dim, self.codebook_size, self.vq)
 
 
@@ -114,7 +118,9 @@ class GroupedResidualVQConfig:
     def __post_init__(self) -> None:
         check(self.groups >= 1, "groups", f"must be >= 1, got {self.groups}")
         check(self.dim % self.groups == 0, "dim", f"dim={self.dim} is not divisible by groups={self.groups}")
-        ResidualVQConfig(self.dim // self.groups, self.num_quantizers, self.codebook_size, -1, self.quantizer_dropout, self.vq)
+        ResidualVQConfig(
+            self.dim // self.groups, self.num_quantizers, self.codebook_size, -1, self.quantizer_dropout, self.vq
+        )
 
 
 class GroupedResidualVQ(Quantizer):
