@@ -19,8 +19,12 @@ import torch
 from safetensors.torch import save_file
 
 SIZES = {
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
+    "1b": dict(
+        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4
+    ),
+    "7b": dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32
+    ),
 }
 
 
@@ -60,7 +64,9 @@ def main() -> None:
         save_file(tensors, str(out / file), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, file))
         print(f"wrote {file}", flush=True)
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
     config.save_pretrained(out)
     AutoTokenizer.from_pretrained(resolve_model_path("reference-lm")).save_pretrained(out)
     print(f"{sum(p.numel() for p in skeleton.parameters()) / 1e9:.2f}B parameters, {total / 2**30:.2f} GiB in {out}")

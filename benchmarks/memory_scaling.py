@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, command, machine  # noqa: E402
+from common import RESULTS, command, machine
 
 
 def checkpoint_bytes(path: Path) -> int:
@@ -54,11 +54,15 @@ def main() -> None:
     shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
     start = time.perf_counter()
     if args.mode == "streaming":
-        run = quantize_checkpoint(model_dir, [step], out, n_samples=args.n_samples, seq_len=args.seq_len, options=options, force=True)
+        run = quantize_checkpoint(
+            model_dir, [step], out, n_samples=args.n_samples, seq_len=args.seq_len, options=options, force=True
+        )
         report = run.report
     else:
         loaded = lowbit.load_model(model_dir, dtype=torch.bfloat16)
-        result = lowbit.quantize(loaded, [step], calibration="builtin", n_samples=args.n_samples, seq_len=args.seq_len, options=options)
+        result = lowbit.quantize(
+            loaded, [step], calibration="builtin", n_samples=args.n_samples, seq_len=args.seq_len, options=options
+        )
         report = result.report
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

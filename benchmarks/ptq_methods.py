@@ -37,7 +37,7 @@ def recipes(bits: int, gs: int) -> dict[str, list]:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--n-samples", type=int, default=128)
-    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seq-len", type=int, default=256, help="reference-lm was trained on 256-token sequences")
     p.add_argument("--max-tokens", type=int, default=None)
     p.add_argument("--skip-minilm", action="store_true")
     args = p.parse_args()
@@ -45,7 +45,7 @@ def main() -> None:
     lm = load_model("reference-lm")
     ids = tokenize_text(lm.tokenizer, max_tokens=args.max_tokens)
     calib = as_calibration("builtin", lm.tokenizer, n_samples=args.n_samples, seq_len=args.seq_len, seed=0)
-    fp = evaluate_language(lm.model, ids)
+    fp = evaluate_language(lm.model, ids, context=256, stride=256)
     lm_rows = [{"bits": "FP", "method": "-", "ppl": fp.ppl, "Δppl": 0.0, "KL": 0.0, "top-1 agree": 1.0}]
     for label, bits, gs in BITS:
         for method, recipe in recipes(bits, gs).items():
@@ -53,7 +53,7 @@ def main() -> None:
             start = time.perf_counter()
             res = lowbit.quantize(model, recipe, calibration=calib)
             seconds = time.perf_counter() - start
-            ev = evaluate_language(model, ids, reference=lm.model)
+            ev = evaluate_language(model, ids, reference=lm.model, context=256, stride=256)
             lm_rows.append(
                 {
                     "bits": label,
@@ -106,13 +106,13 @@ def main() -> None:
         "top-10 overlap": ".4f",
     }
     body = (
-        f"Calibration: {calib.source}. Asymmetric integer weights, fp16 scales and zero-points; all block linears "
+        f"Calibration: {calib.describe()}. Asymmetric integer weights, fp16 scales and zero-points; all block linears "
         "quantized, lm_head/embeddings in full precision.\n\n"
-        f"## reference-lm (held-out, {fp.tokens} tokens, context 512, stride 256)\n\n"
+        f"## reference-lm (held-out, {fp.tokens} tokens, windows of {fp.context} tokens, stride {fp.stride})\n\n"
         + markdown_table(lm_rows, ["bits", "method", "bits/weight", "ppl", "Δppl", "KL", "top-1 agree", "seconds"], fmt)
     )
     if enc_rows:
-        body += f"\n\n## MiniLM (560 sentences; calibration {enc_calib.source})\n\n" + markdown_table(
+        body += f"\n\n## MiniLM (560 sentences; calibration {enc_calib.describe()})\n\n" + markdown_table(
             enc_rows, ["bits", "method", "bits/weight", "cosine mean", "cosine min", "top-10 overlap", "seconds"], fmt
         )
     write_result(

@@ -74,7 +74,7 @@ def quantize(
     *,
     tokenizer: Any = None,
     n_samples: int = 128,
-    seq_len: int = 512,
+    seq_len: int | None = None,
     seed: int = 0,
     options: PipelineOptions | None = None,
     **option_overrides: Any,
@@ -89,7 +89,8 @@ def quantize(
         calibration: data for calibrated steps: :class:`~lowbit.calibration.CalibrationData`,
             a ``[N, T]`` token tensor, ``"builtin"``, a text file path, ``"hf:DATASET[:SPLIT]"``
             or a list of strings (tokenised with ``tokenizer`` or the model's own).
-        n_samples, seq_len, seed: how text calibration data is sampled.
+        n_samples, seq_len, seed: how text calibration data is sampled (``seq_len`` defaults to
+            512 tokens, or the model's context if shorter).
         options: a :class:`~lowbit.pipeline.PipelineOptions`; keyword overrides of its fields
             (``device=``, ``batch_size=``, ``progress=`` ...) are accepted too.
     """
@@ -113,7 +114,7 @@ def quantize(
     model.eval()
     result = run_pipeline(model, recipe.steps, calib, options, held_back=held_back)
     model.train(was_training)
-    extra = {"calibration": calib.source if calib is not None else None}
+    extra = {"calibration": calib.describe() if calib is not None else None}
     if result.sanity is not None:
         extra["sanity"] = result.sanity.to_dict()
         if not result.sanity.passed:
@@ -140,11 +141,16 @@ def prepare_calibration(model_or_config, recipe: Recipe, calibration, tokenizer,
     # Samples are held back only from data lowbit samples itself; given tensors are used whole.
     sampled = not isinstance(calibration, (CalibrationData, torch.Tensor))
     extra = options.sanity_samples if causal and sampled and options.sanity_samples > 0 else 0
-    if not recipe.needs_calibration and (tokenizer is None and sampled or not extra):
+    if not recipe.needs_calibration and ((tokenizer is None and sampled) or not extra):
         if extra:
             log.warning("the model has no tokenizer, so the sanity check cannot sample text; skipping it")
         return None, None
     mode = "windows" if causal else "lines"
+    limit = getattr(config, "max_position_embeddings", None) or 512
+    if seq_len is None:
+        seq_len = min(512, limit)
+    elif seq_len > limit:
+        log.warning("seq_len %d is longer than the model's context (%d positions)", seq_len, limit)
     calib = as_calibration(calibration, tokenizer, n_samples=n_samples + extra, seq_len=seq_len, seed=seed, mode=mode)
     if extra and calib.n_samples > extra:
         calib, held_back = calib.split(extra)
@@ -161,7 +167,7 @@ def quantize_checkpoint(
     calibration: Any = "builtin",
     *,
     n_samples: int = 128,
-    seq_len: int = 512,
+    seq_len: int | None = None,
     seed: int = 0,
     options: PipelineOptions | None = None,
     save_dtype: torch.dtype | None = None,

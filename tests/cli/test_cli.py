@@ -183,18 +183,22 @@ def test_interrupting_a_run_leaves_no_output_dir(tmp_path):
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    time.sleep(6)
+    time.sleep(8)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err.decode()
-    assert "interrupted" in err.decode()
+    assert "interrupted; no output was written" in err.decode()
     assert not out.exists()
-    assert list(tmp_path.iterdir()) == []
+    # at most the hidden progress directory a rerun resumes from
+    assert [p.name for p in tmp_path.iterdir()] in ([], [".q.partial"])
 
 
 def test_dry_run_prints_the_plan(tiny_lm_dir, tmp_path, capsys):
     out = tmp_path / "q"
-    assert run_cli("quantize", tiny_lm_dir, "--method", "gptq", "--group-size", "32", "--out", out, "--dry-run", "--json") == 0
+    assert (
+        run_cli("quantize", tiny_lm_dir, "--method", "gptq", "--group-size", "32", "--out", out, "--dry-run", "--json")
+        == 0
+    )
     plan = json.loads(capsys.readouterr().out)
     assert plan["blocks"] == 2 and len(plan["layers"]) == 14
     assert {"estimated_peak_memory_bytes", "estimated_disk_bytes", "estimated_seconds"} <= set(plan)
@@ -204,7 +208,22 @@ def test_dry_run_prints_the_plan(tiny_lm_dir, tmp_path, capsys):
 
 
 def test_eval_json_keys(tiny_lm_dir, capsys):
-    assert run_cli("eval", tiny_lm_dir, "--reference", tiny_lm_dir, "--max-tokens", "600", "--context", "128", "--stride", "64", "--json") == 0
+    assert (
+        run_cli(
+            "eval",
+            tiny_lm_dir,
+            "--reference",
+            tiny_lm_dir,
+            "--max-tokens",
+            "600",
+            "--context",
+            "128",
+            "--stride",
+            "64",
+            "--json",
+        )
+        == 0
+    )
     res = json.loads(capsys.readouterr().out)
     assert {"ppl", "kl", "top1_agreement"} <= set(res)
     assert res["kl"] == pytest.approx(0.0, abs=1e-6) and res["top1_agreement"] == 1.0

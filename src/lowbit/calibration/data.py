@@ -40,6 +40,9 @@ class CalibrationData:
     def seq_len(self) -> int:
         return self.input_ids.shape[1]
 
+    def describe(self) -> str:
+        return f"{self.source}: {self.n_samples} x {self.seq_len} tokens"
+
     def tokens(self) -> int:
         if self.attention_mask is not None:
             return int(self.attention_mask.sum())
@@ -60,7 +63,7 @@ class CalibrationData:
         mask = self.attention_mask
         return (
             CalibrationData(self.input_ids[:cut], None if mask is None else mask[:cut], self.source),
-            CalibrationData(self.input_ids[cut:], None if mask is None else mask[cut:], self.source + " (held back)"),
+            CalibrationData(self.input_ids[cut:], None if mask is None else mask[cut:], self.source + ", held back"),
         )
 
     def fingerprint(self) -> str:
@@ -98,12 +101,12 @@ def from_text(
     gen = torch.Generator().manual_seed(seed)
     if mode == "lines":
         return _from_lines(text, tokenizer, n_samples, seq_len, gen, source)
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
     if len(ids) < seq_len:
         raise CalibrationError(f"calibration text {source} has only {len(ids)} tokens; need at least seq_len={seq_len}")
     starts = torch.randint(0, len(ids) - seq_len + 1, (n_samples,), generator=gen)
     windows = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
-    return CalibrationData(windows, None, f"{source}: {n_samples} x {seq_len} tokens, seed {seed}")
+    return CalibrationData(windows, None, f"{source} (seed {seed})")
 
 
 def _from_lines(
@@ -128,7 +131,7 @@ def _from_lines(
     if len(picked) < n_samples:
         log.warning("calibration text %s yields only %d sequences (asked for %d)", source, len(picked), n_samples)
     enc = tokenizer(picked, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
-    return CalibrationData(enc["input_ids"], enc["attention_mask"], f"{source}: {len(picked)} x <= {seq_len} tokens")
+    return CalibrationData(enc["input_ids"], enc["attention_mask"], f"{source} (lines, padded)")
 
 
 def from_file(path: str | Path, tokenizer, **kwargs) -> CalibrationData:

@@ -21,8 +21,10 @@ def add_parser(sub) -> None:
     p.add_argument("--kl", action="store_true", help="KL divergence and top-1 agreement to --reference (causal LMs)")
     p.add_argument("--embeddings", action="store_true", help="sentence-embedding fidelity to --reference (encoders)")
     p.add_argument("--text", default=None, help="text file to evaluate on (default: the built-in held-out text)")
-    p.add_argument("--context", type=int, default=512, help="tokens of context per window")
-    p.add_argument("--stride", type=int, default=256, help="tokens the window advances")
+    p.add_argument(
+        "--context", type=int, default=None, help="tokens per window (default 512, or the model's context if shorter)"
+    )
+    p.add_argument("--stride", type=int, default=None, help="tokens the window advances (default half the context)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the text")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (needs lowbit[lm-eval])")

@@ -40,7 +40,12 @@ def add_parser(sub) -> None:
         "--calibration", default="builtin", help="calibration data: builtin, a text file, or hf:DATASET[:SPLIT]"
     )
     p.add_argument("--n-samples", type=int, default=128, help="calibration sequences")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="tokens per calibration sequence (default 512, or the model's context if shorter)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass")
@@ -51,10 +56,16 @@ def add_parser(sub) -> None:
         help="dtype of saved weights (default: the input checkpoint's)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--dry-run", action="store_true", help="check everything and print the plan with estimates; quantize nothing")
-    p.add_argument("--restart", action="store_true", help="discard the progress of an interrupted run instead of resuming it")
+    p.add_argument(
+        "--dry-run", action="store_true", help="check everything and print the plan with estimates; quantize nothing"
+    )
+    p.add_argument(
+        "--restart", action="store_true", help="discard the progress of an interrupted run instead of resuming it"
+    )
     p.add_argument("--force", action="store_true", help="save even if the sanity check fails")
-    p.add_argument("--sanity-samples", type=int, default=4, help="calibration samples held back for the sanity check (0: off)")
+    p.add_argument(
+        "--sanity-samples", type=int, default=4, help="calibration samples held back for the sanity check (0: off)"
+    )
     p.add_argument("--allow-nonfinite", action="store_true", help="replace NaN/Inf weights by 0 instead of refusing")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.set_defaults(run=run)
@@ -91,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_dir(args.out, args.overwrite)
     for name in ("n_samples", "seq_len", "batch_size"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.sanity_samples < 0:
         raise ValueError(f"--sanity-samples must be >= 0, got {args.sanity_samples}")
@@ -146,6 +157,9 @@ def sanity_table(report):
     t.add_row("tokens", str(report.tokens))
     t.add_row("mean KL divergence", f"{report.kl:.4f}")
     t.add_row("top-1 agreement", f"{report.top1_agreement:.4f}")
-    t.add_row("most frequent prediction share", f"{report.top_token_share:.3f} (original {report.top_token_share_reference:.3f})")
+    t.add_row(
+        "most frequent prediction share",
+        f"{report.top_token_share:.3f} (original {report.top_token_share_reference:.3f})",
+    )
     t.add_row("result", "passed" if report.passed else f"FAILED: {report.reason}")
     return t

@@ -46,10 +46,15 @@ def tokenize_text(
                 text = f.read()
         except OSError as exc:
             raise FileNotFoundError(f"cannot read evaluation text {source}: {exc.strerror}") from None
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)
     if max_tokens is not None:
         ids = ids[:max_tokens]
     return ids
+
+
+def default_context(model: nn.Module, cap: int = 512) -> int:
+    """The evaluation window: ``cap`` tokens, or fewer if the model's context is shorter."""
+    return min(cap, getattr(model.config, "max_position_embeddings", None) or cap)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -61,13 +66,19 @@ def evaluate_language(
     model: nn.Module,
     input_ids: torch.Tensor,
     reference: nn.Module | None = None,
-    context: int = 512,
-    stride: int = 256,
+    context: int | None = None,
+    stride: int | None = None,
     batch_size: int = 8,
     progress: bool = False,
 ) -> LanguageEval:
     """Perplexity of ``model`` on ``input_ids``; with ``reference``, also mean KL(reference || model)
-    per scored token, top-1 agreement of next-token predictions, and the reference's perplexity."""
+    per scored token, top-1 agreement of next-token predictions, and the reference's perplexity.
+
+    ``context`` defaults to 512 tokens or the model's maximum position if smaller; ``stride``
+    to half the context.
+    """
+    context = context or default_context(model)
+    stride = stride or max(1, context // 2)
     nll = nll_ref = kl = 0.0
     agree = count = 0
     windows = list(sliding_windows(input_ids, context, stride, batch_size))

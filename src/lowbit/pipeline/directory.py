@@ -115,6 +115,7 @@ def quantize_directory(
         return DirectoryRun(None, None, plan=plan)
 
     work = work_dir_for(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if restart and work.exists():
         shutil.rmtree(work)
     run_dir = RunDirectory(work, fingerprint(lazy, recipe, calibration, held_back, options, save_dtype))
@@ -128,7 +129,7 @@ def quantize_directory(
     )
     report = build_report(lazy.model, result.state, time.perf_counter() - start, storage_dtype=save_dtype)
     report.extra.update(
-        calibration=calibration.source if calibration is not None else None,
+        calibration=calibration.describe() if calibration is not None else None,
         sanity=result.sanity.to_dict() if result.sanity is not None else None,
         peak_rss_bytes=_peak_rss(),
     )

@@ -232,7 +232,10 @@ def estimate(
     seconds = flops / (gflops * 1e9) + quantized_numel / 50e6  # plus rounding/bookkeeping per weight
     notes = [f"{gflops:.0f} GFLOP/s measured on this machine"]
     if out_dir is not None:
-        free = shutil.disk_usage(Path(out_dir).resolve().parent if not Path(out_dir).exists() else out_dir).free
+        existing = Path(out_dir).resolve()
+        while not existing.exists():  # the output's parents may not exist yet
+            existing = existing.parent
+        free = shutil.disk_usage(existing).free
         if free < disk:
             raise PlanError(f"not enough disk space for {out_dir}: about {_gib(disk)} needed, {_gib(free)} free")
         notes.append(f"{_gib(free)} free on the output disk")
