@@ -52,6 +52,10 @@ class FSQ(Quantizer):
         self.register_buffer("levels", levels, persistent=False)
         basis = torch.cumprod(torch.tensor([1, *cfg.levels[:-1]], dtype=torch.long), dim=0)
         self.register_buffer("basis", basis, persistent=False)
+        # fp32 constants, precomputed: at token counts typical of a tokenizer, per-op overhead dominates FSQ.
+        self.register_buffer("half_levels", levels.float() / 2, persistent=False)
+        self.register_buffer("max_digit", (levels - 1).float(), persistent=False)
+        self.register_buffer("half_width", (levels - 1).float() / 2, persistent=False)
 
     @property
     def codebook_sizes(self) -> list[int]:
@@ -63,21 +67,18 @@ class FSQ(Quantizer):
         A symmetric variant of the paper's bound: its even-L offset puts z = 0 next to a bin edge and makes L = 2
         almost unreachable on one side; here every L >= 2 gets a grid symmetric about 0.
         """
-        levels = self.levels.to(z.dtype)
-        return (torch.tanh(z) + 1) / 2 * levels - 0.5
+        return (torch.tanh(z) + 1) * self.half_levels - 0.5
 
     def _quantize(self, x: Tensor) -> QuantizerResult:  # type: ignore[override]
         bounded = self.bound(x)
         # Clamp: tanh saturates to exactly +-1 in fp32, and round(L - 0.5) would step off the grid.
-        digits = torch.minimum(bounded.round().clamp_min(0), (self.levels - 1).to(x.dtype))
-        rounded = straight_through(bounded, digits)
-        codes = self._digits_to_codes(rounded)
+        digits = bounded.round().clamp_(min=0).minimum(self.max_digit)
+        codes = self._digits_to_codes(straight_through(bounded, digits))
         indices = (digits.long() * self.basis).sum(dim=-1)
         return QuantizerResult(codes, indices, x.new_zeros(()), {})
 
     def _digits_to_codes(self, digits: Tensor) -> Tensor:
-        half = (self.levels - 1).to(digits.dtype) / 2
-        return (digits - half) / half  # grid points in [-1, 1]
+        return digits / self.half_width - 1  # grid points in [-1, 1]
 
     def _decode(self, indices: Tensor) -> Tensor:
         digits = (indices[:, None] // self.basis) % self.levels
@@ -85,6 +86,5 @@ class FSQ(Quantizer):
 
     def codes_to_indices(self, codes: Tensor) -> Tensor:
         """Inverse of ``indices_to_codes`` for codes with channels last."""
-        half = (self.levels - 1).to(codes.dtype) / 2
-        digits = (codes * half + half).round().long()
+        digits = ((codes + 1) * self.half_width).round().long()
         return (digits * self.basis).sum(dim=-1)
