@@ -225,7 +225,7 @@ def save_reconstructions(model: DigitsVQVAE, images: Tensor, path: str | Path, n
     for row, (title, batch) in enumerate((("original", images), ("reconstruction", recon))):
         for i in range(len(batch)):
             ax = fig.add_subplot(2, len(batch), row * len(batch) + i + 1)
-            ax.imshow(batch[i, 0].cpu().numpy(), cmap="gray_r", vmin=0, vmax=1)
+            ax.imshow(batch[i, 0].cpu().numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
             ax.set_axis_off()
             if i == 0:
                 ax.set_title(title, fontsize=7, loc="left")
