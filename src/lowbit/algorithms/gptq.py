@@ -32,9 +32,11 @@ class GPTQConfig(WeightQuantConfig):
     Attributes:
         block_size: columns per lazy batch update.
         dampening: added to ``diag(H)`` as a fraction of its mean (the paper's ``percdamp``).
-        act_order: quantize columns in order of decreasing ``diag(H)``.
+        act_order: quantize columns in order of decreasing ``diag(H)`` (on by default, as in
+            llm-compressor and GPTQModel).
         static_groups: with act-order, compute every group's parameters up front from the
-            original weights, so groups stay contiguous (no ``g_idx`` needed at inference).
+            original weights, so groups stay contiguous (no ``g_idx`` needed at inference; on by
+            default). Off, groups follow the act-order and a ``g_idx`` maps columns to groups.
         true_sequential: within a block, quantize layer groups in execution order (q/k/v, then o,
             then gate/up, then down), collecting each group's inputs after the earlier ones were
             quantized.
@@ -48,8 +50,8 @@ class GPTQConfig(WeightQuantConfig):
 
     block_size: int = 128
     dampening: float = 0.01
-    act_order: bool = False
-    static_groups: bool = False
+    act_order: bool = True
+    static_groups: bool = True
     true_sequential: bool = True
     damping_retries: int = 4
     min_tokens: int = 16

@@ -58,8 +58,11 @@ def hqq_quantize(weight: torch.Tensor, quantizer: Quantizer, cfg: HQQConfig) -> 
     check_finite(weight)
     w2 = quantizer.as_2d(weight.detach().float())
     wg = quantizer.group_view(w2)
-    p0 = quantizer.compute_params(wg)
-    scale, zero = p0.scale, p0.zero.clone()
+    # The group's own range (not widened to include 0, as integer zero-points need): the zero-point
+    # HQQ optimises is fractional anyway.
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    scale = quantizer.store_scale((hi - lo).clamp(min=1e-8) / quantizer.qmax, None)
+    zero = -lo / scale
     qmax = quantizer.qmax
     beta = cfg.beta
     best_zero, best_err = zero.clone(), torch.full_like(zero, float("inf"))

@@ -194,7 +194,8 @@ def as_calibration(
     if isinstance(data, (str, Path)):
         key = str(data)
         if key == "builtin":
-            return from_file(builtin_text_path("calibration"), tokenizer, **kw)
+            text = builtin_text_path("calibration").read_text(encoding="utf-8")
+            return from_text(text, tokenizer, source="built-in calibration text (Macbeth, Much Ado)", **kw)
         if key.startswith("hf:"):
             parts = key[3:].split(":")
             return from_hf_dataset(parts[0], tokenizer, split=parts[1] if len(parts) > 1 else "train", **kw)

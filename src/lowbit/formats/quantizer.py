@@ -129,7 +129,7 @@ class Quantizer:
         if s.kind == "int" and not s.symmetric:
             xmin = torch.clamp(x.amin(-1, keepdim=True), max=0.0) * ratio
             xmax = torch.clamp(x.amax(-1, keepdim=True), min=0.0) * ratio
-            scale = self._store_scale((xmax - xmin) / self.qmax, global_scale)
+            scale = self.store_scale((xmax - xmin) / self.qmax, global_scale)
             zero = torch.clamp(torch.round(-xmin / self._apply_global(scale, global_scale)), 0, self.qmax)
             if s.zero_dtype != "int":
                 zero = zero.to(_FLOAT_DTYPES[s.zero_dtype]).float()
@@ -145,7 +145,7 @@ class Quantizer:
             ideal = amax * ratio / self.table.max_abs
         if s.scale_dtype == "e8m0":
             return QParams(self._e8m0_scale(amax * ratio, ideal))
-        return QParams(self._store_scale(ideal, global_scale), None, global_scale)
+        return QParams(self.store_scale(ideal, global_scale), None, global_scale)
 
     def _ternary_scale(self, x: torch.Tensor) -> torch.Tensor:
         mean_abs = x.abs().mean(-1, keepdim=True)
@@ -165,7 +165,7 @@ class Quantizer:
             exp = torch.ceil(torch.log2(ideal.clamp(min=2.0**-127)))
         return torch.exp2(exp.clamp(-127, 127))
 
-    def _store_scale(self, ideal: torch.Tensor, global_scale: torch.Tensor | None) -> torch.Tensor:
+    def store_scale(self, ideal: torch.Tensor, global_scale: torch.Tensor | None) -> torch.Tensor:
         s = self.spec
         if s.scale_dtype == "e4m3":
             g = global_scale if global_scale is not None else torch.ones((), device=ideal.device)
