@@ -63,7 +63,7 @@ def test_quantize_saves_a_loadable_model_with_recipe_and_report(tiny_dir, tmp_pa
         "lowbit_report.json",
         "model-block-00000.safetensors",
         "model-block-00001.safetensors",
-        "model-rest.safetensors",
+        "model-rest-00.safetensors",
         "model.safetensors.index.json",
     ]
     assert "rtn" in (out / "lowbit_recipe.yaml").read_text()

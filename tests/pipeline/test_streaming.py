@@ -151,11 +151,11 @@ from lowbit.algorithms import RTN
 from lowbit.pipeline import PipelineOptions, store
 
 baseline = {}
-original = store.StreamingStore.prepare
-def prepare(self, adapter):
-    original(self, adapter)
-    baseline["kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-store.StreamingStore.prepare = prepare
+original = store.StreamingStore.load_block
+def load_block(self, adapter, index):
+    baseline.setdefault("kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # before the first block
+    original(self, adapter, index)
+store.StreamingStore.load_block = load_block
 quantize_checkpoint(sys.argv[1], [RTN(format="int4", group_size=128)], sys.argv[2], options=PipelineOptions(progress=False, sanity_samples=0))
 print(json.dumps({"baseline_kb": baseline["kb"], "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """

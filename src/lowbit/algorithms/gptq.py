@@ -21,7 +21,7 @@ from torch import nn
 from ..formats import QParams, QuantizedTensor, Quantizer
 from ..models import weight_of
 from .base import Step, WeightQuantConfig, register_step
-from .hessian import HessianAccumulator, output_error
+from .hessian import HessianAccumulator, mean_diagonal, output_error
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,9 @@ class GPTQConfig(WeightQuantConfig):
 @dataclass
 class GPTQResult:
     qtensor: QuantizedTensor
-    dequantized: torch.Tensor
     dampening: float
+    #: tr(dW Hd dW^T) accumulated by the algorithm itself, with Hd the damped Hessian
+    loss: float
 
 
 class HessianNotPositiveDefinite(RuntimeError):
@@ -70,16 +71,22 @@ class HessianNotPositiveDefinite(RuntimeError):
 
 
 def _inverse_cholesky(H: torch.Tensor, dampening: float, retries: int) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + damp I)^-1``, raising the damping until it exists."""
+    """Upper Cholesky factor of ``(H + damp I)^-1``, raising the damping until it exists.
+
+    Works in place on ``H`` (its diagonal ends up damped) and keeps at most two matrices of its
+    size alive, so that the largest layers of big models fit.
+    """
     mean_diag = torch.mean(torch.diag(H))
-    damp = dampening
+    damp, added = dampening, 0.0
     for attempt in range(retries + 1):
-        Hd = H.clone()
-        Hd.diagonal().add_(damp * mean_diag)
-        L, info = torch.linalg.cholesky_ex(Hd)
+        H.diagonal().add_(damp * mean_diag - added)
+        added = damp * mean_diag
+        L, info = torch.linalg.cholesky_ex(H)
         if info == 0:
             Hinv = torch.cholesky_inverse(L)
+            del L
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
             if info == 0 and torch.isfinite(U).all():
                 return U, damp
         if attempt < retries:
@@ -97,41 +104,45 @@ def gptq_quantize(
     act_order: bool = False,
     static_groups: bool = False,
     damping_retries: int = 4,
+    overwrite_hessian: bool = False,
 ) -> GPTQResult:
-    """Quantize ``weight`` (``[out, in]``) given the input Hessian ``H`` (``[in, in]``)."""
-    W = weight.detach().clone().float()
-    H = H.detach().clone().to(W.device, torch.float32)
-    rows, cols = W.shape
+    """Quantize ``weight`` (``[out, in]``) given the input Hessian ``H`` (``[in, in]``).
+
+    ``overwrite_hessian=True`` lets the algorithm use ``H`` as scratch memory instead of copying it.
+    """
+    rows, cols = weight.shape
     spec = quantizer.spec
     gs = quantizer.group_size_for(cols) if spec.granularity == "group" else None
+    H = H.detach().to(weight.device, torch.float32)
+    if not overwrite_hessian:
+        H = H.clone()
+    # Work on the transpose: a column of W is then a contiguous row, and the rank-1 updates
+    # touch contiguous memory (several times faster than updating column slices).
+    Wt = weight.detach().float().T.contiguous()
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    W[:, dead] = 0.0  # inputs that are always zero: their weights never matter (as the reference does)
+    Wt[dead] = 0.0  # inputs that are always zero: their weights never matter (as the reference does)
 
-    global_scale = quantizer.global_scale_for(W)
-    if gs is None or static_groups:  # one set of parameters for the whole row (or tensor), from the original weights
-        fixed = quantizer.find_params(quantizer.group_view(W), global_scale)
-    else:
-        fixed = None
+    global_scale = quantizer.global_scale_for(Wt)
+    # Per-channel/tensor parameters, or static groups: from the original weights, up front.
+    fixed = quantizer.find_params(quantizer.group_view(Wt.T), global_scale) if gs is None or static_groups else None
 
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        Wt = Wt[perm]
+        H = H[perm][:, perm]
     U, damp_used = _inverse_cholesky(H, dampening, damping_retries)
+    del H
 
     n_groups = cols // gs if gs else 1
-    scale = torch.zeros(rows if spec.granularity != "tensor" else 1, n_groups, device=W.device)
+    scale = torch.zeros(rows if spec.granularity != "tensor" else 1, n_groups, device=Wt.device)
     zero = torch.zeros_like(scale) if spec.has_zero_point else None
-    group_of_col = torch.zeros(cols, dtype=torch.long, device=W.device)
+    group_of_col = torch.zeros(cols, dtype=torch.long, device=Wt.device)
+    losses = torch.zeros(cols, dtype=torch.float64, device=Wt.device)
+    codes_t = torch.zeros(cols, rows, dtype=torch.uint8, device=Wt.device)
     current: QParams | None = None
-
-    # Work on the transpose: a column of W is then a contiguous row, and the rank-1 updates
-    # touch contiguous memory (several times faster than updating column slices).
-    Wt = W.T.contiguous()
-    Qt = torch.zeros_like(Wt)
-    codes_t = torch.zeros(cols, rows, dtype=torch.uint8, device=W.device)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = Wt[i1:i2].clone()
@@ -161,24 +172,23 @@ def gptq_quantize(
             c = quantizer.encode(w.unsqueeze(1), colp)[:, 0]
             q = quantizer.decode(c.unsqueeze(1), colp)[:, 0]
             codes_t[col] = c
-            Qt[col] = q
             err = (w - q) / U1[i, i]
+            losses[col] = err.double().pow(2).sum()
             W1[i:].addr_(U1[i, i:], err, alpha=-1.0)
             Err1[i] = err
         Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)
-    Q, codes = Qt.T.contiguous(), codes_t.T.contiguous()
+    del Wt, U
 
     if fixed is not None:
         scale = fixed.scale[..., 0]
         zero = None if fixed.zero is None else fixed.zero[..., 0]
     g_idx = None
     if perm is not None:
-        inv = torch.argsort(perm)
-        Q, codes = Q[:, inv], codes[:, inv]
+        codes_t = codes_t[torch.argsort(perm)]
         if gs is not None and not static_groups:
-            g_idx = group_of_col[inv].to(torch.int32)
+            g_idx = group_of_col[torch.argsort(perm)].to(torch.int32)
     qtensor = QuantizedTensor(
-        codes=codes,
+        codes=codes_t.T.contiguous(),
         scale=scale,
         zero=zero,
         global_scale=global_scale,
@@ -186,7 +196,7 @@ def gptq_quantize(
         shape=tuple(weight.shape),
         g_idx=g_idx,
     )
-    return GPTQResult(qtensor, Q, damp_used)
+    return GPTQResult(qtensor, damp_used, float(losses.sum()))
 
 
 def layer_subsets(unit, selected: dict[str, nn.Module], sequential: bool) -> list[list[list[str]]]:
@@ -244,12 +254,14 @@ class GPTQ(Step):
                 leaders[first] = selected[first]
             unit.collect(leaders, lambda n, x, acc=accumulators: acc[n].add(x))
             for names in subset:
-                acc = accumulators[names[0]]
-                for name in names:
-                    self._quantize_layer(unit, name, selected[name], acc, quantizer)
+                acc = accumulators.pop(names[0])
+                for i, name in enumerate(names):
+                    # the last layer of a group may consume the Hessian (no copy of the largest matrix)
+                    self._quantize_layer(unit, name, selected[name], acc, quantizer, last=i == len(names) - 1)
+                del acc
 
     def _quantize_layer(
-        self, unit, name: str, module: nn.Module, acc: HessianAccumulator, quantizer: Quantizer
+        self, unit, name: str, module: nn.Module, acc: HessianAccumulator, quantizer: Quantizer, last: bool
     ) -> None:
         cfg: GPTQConfig = self.config
         if acc.tokens < cfg.min_tokens:
@@ -258,28 +270,39 @@ class GPTQ(Step):
             )
             return
         start = time.perf_counter()
-        W = weight_of(module).detach().float().to(acc.H.device)
+        W = weight_of(module).detach()
+        H = acc.H
+        # Errors are reported on the damped Hessian GPTQ minimises; RTN's is measured before H is consumed.
+        rtn_delta = W.float() - quantizer.dequantize(quantizer.quantize(W.float())).to(W.device)
+        rtn_err, rtn_norm = output_error(rtn_delta, H), float(rtn_delta.pow(2).sum())
+        del rtn_delta
+        base_err, base_norm, mean_diag = output_error(W.float(), H), float(W.float().pow(2).sum()), mean_diagonal(H)
+        if last:
+            acc.H = None
         try:
             res = gptq_quantize(
                 W,
-                acc.H,
+                H,
                 quantizer,
                 cfg.block_size,
                 cfg.dampening,
                 cfg.act_order,
                 cfg.static_groups,
                 cfg.damping_retries,
+                overwrite_hessian=last,
             )
         except HessianNotPositiveDefinite as exc:
             log.warning("%s: %s; falling back to RTN", name, exc)
             self._fallback(unit, {name: module}, quantizer, "Hessian not positive definite")
             return
-        if not torch.isfinite(res.dequantized).all():
-            log.warning("%s: GPTQ produced non-finite weights; falling back to RTN", name)
+        finally:
+            del H
+        if not (torch.isfinite(res.qtensor.scale).all() and torch.isfinite(torch.tensor(res.loss))):
+            log.warning("%s: GPTQ produced non-finite values; falling back to RTN", name)
             self._fallback(unit, {name: module}, quantizer, "non-finite GPTQ result")
             return
-        rtn = quantizer.dequantize(quantizer.quantize(W))
-        base = output_error(W, acc.H)
+        lam = res.dampening * mean_diag
+        base = max(base_err + lam * base_norm, 1e-30)
         note = f"damp {res.dampening:g}" if res.dampening != cfg.dampening else ""
         unit.commit(
             name,
@@ -287,8 +310,8 @@ class GPTQ(Step):
             res.qtensor,
             self.name,
             seconds=time.perf_counter() - start,
-            output_error=output_error(W - res.dequantized, acc.H) / max(base, 1e-30),
-            output_error_rtn=output_error(W - rtn, acc.H) / max(base, 1e-30),
+            output_error=res.loss / base,
+            output_error_rtn=(rtn_err + lam * rtn_norm) / base,
             note=note,
         )
 

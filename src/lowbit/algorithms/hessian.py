@@ -25,8 +25,18 @@ class HessianAccumulator:
         self.H.addmm_(x.T, x)
 
 
-def output_error(delta: torch.Tensor, H: torch.Tensor) -> float:
+def output_error(delta: torch.Tensor, H: torch.Tensor, chunk: int = 256) -> float:
     """``tr(delta H delta^T)``: the summed squared output error of a weight change ``delta``
-    on the calibration inputs (up to the factor 2/n folded into ``H``)."""
-    d = delta.to(H.dtype)
-    return float(((d @ H) * d).sum())
+    on the calibration inputs (up to the factor 2/n folded into ``H``). Rows are processed in
+    chunks so that no second matrix of ``delta``'s size is needed."""
+    total = 0.0
+    for rows in delta.split(chunk):
+        d = rows.to(device=H.device, dtype=H.dtype)
+        total += float(((d @ H) * d).sum())
+    return total
+
+
+def mean_diagonal(H: torch.Tensor) -> float:
+    """Mean of ``diag(H)`` after GPTQ's fix of dead inputs (a zero diagonal entry counts as 1)."""
+    d = torch.diag(H)
+    return float(torch.where(d == 0, torch.ones_like(d), d).mean())

@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"lowbit: error: {exc}", highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
-        err.print("lowbit: interrupted; no output was written (the same command resumes a quantize run)", highlight=False)
+        err.print(
+            "lowbit: interrupted; no output was written (the same command resumes a quantize run)", highlight=False
+        )
         return 130
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
         if args.verbose >= 2:

@@ -180,11 +180,16 @@ def run_pipeline(
         raise CalibrationError(f"step(s) {', '.join(needs_data)} need calibration data; pass calibration=...")
     state = QuantState(keep_codes=options.keep_codes and not store.streaming)
     device = options.resolved_device()
-    store.prepare(adapter)
-    inputs = capture_first_block_inputs(model, adapter, calibration, options) if needs_data else None
-    sanity = None
-    if held_back is not None and model_kind(model.config) == "causal-lm" and adapter.lm_head()[1] is not None:
-        sanity = SanityTracker(capture_first_block_inputs(model, adapter, held_back, options))
+    check_sanity = (
+        held_back is not None and model_kind(model.config) == "causal-lm" and adapter.lm_head()[1] is not None
+    )
+    inputs = sanity = None
+    if needs_data or check_sanity:
+        store.load_outside(adapter)
+        inputs = capture_first_block_inputs(model, adapter, calibration, options) if needs_data else None
+        if check_sanity:
+            sanity = SanityTracker(capture_first_block_inputs(model, adapter, held_back, options))
+        store.release_outside(adapter)
     start_block = 0
     resume = run_dir.load() if run_dir is not None else None
     if resume is not None:
@@ -258,8 +263,10 @@ def run_pipeline(
                 run_dir.save(index + 1, activations, state.results, state.tokens_per_expert)
             log.info("%s done in %.2fs", name, time.perf_counter() - started)
 
-        _norm_name, norm = adapter.final_norm()
-        _head_name, head = adapter.lm_head()
+        if head_linears or sanity is not None:
+            store.load_head(adapter)
+        _, norm = adapter.final_norm()
+        _, head = adapter.lm_head()
         if head_linears:
             forward = _head_forward(norm, head) if head is not None else None
             unit = Unit(

@@ -23,7 +23,13 @@ log = logging.getLogger(__name__)
 class InMemoryStore:
     streaming = False
 
-    def prepare(self, adapter: ModelAdapter) -> None:
+    def load_outside(self, adapter: ModelAdapter) -> None:
+        pass
+
+    def release_outside(self, adapter: ModelAdapter) -> None:
+        pass
+
+    def load_head(self, adapter: ModelAdapter) -> None:
         pass
 
     def load_block(self, adapter: ModelAdapter, index: int) -> None:
@@ -44,8 +50,29 @@ class StreamingStore:
         self.writer = writer
         self.save_dtype = save_dtype or lazy.dtype
 
-    def prepare(self, adapter: ModelAdapter) -> None:
+    def load_outside(self, adapter: ModelAdapter) -> None:
+        """Embeddings and the rest, for capturing the first block's inputs."""
         self.lazy.materialize_outside(adapter.blocks_path)
+
+    def release_outside(self, adapter: ModelAdapter) -> None:
+        """Drop them again while the blocks are worked on (the embeddings of a large vocabulary
+        would otherwise sit in memory all run)."""
+        for name, module in self._outside_modules(adapter):
+            if any(p.device.type != "meta" for p in module.parameters(recurse=False)):
+                module.to("meta")
+
+    def load_head(self, adapter: ModelAdapter) -> None:
+        """The final norm and the output projection (for the head unit and the sanity check)."""
+        for getter in (adapter.final_norm, adapter.lm_head):
+            name, module = getter()
+            if module is not None:
+                self.lazy.materialize(module, name)
+
+    def _outside_modules(self, adapter: ModelAdapter):
+        inside = adapter.blocks_path + "."
+        for name, module in self.lazy.model.named_modules():
+            if name != adapter.blocks_path and not name.startswith(inside) and list(module.parameters(recurse=False)):
+                yield name, module
 
     def load_block(self, adapter: ModelAdapter, index: int) -> None:
         self.lazy.materialize(adapter.blocks[index], adapter.block_name(index))
@@ -57,20 +84,26 @@ class StreamingStore:
         self.writer.write(f"block-{index:05d}", tensors)
         self.lazy.release(block)
 
-    def finish(self, adapter: ModelAdapter) -> None:
-        """Write everything outside the blocks (embeddings, final norm, head) as the last shard."""
+    def finish(self, adapter: ModelAdapter, shard_bytes: int = 256 * 2**20) -> None:
+        """Write everything outside the blocks (embeddings, final norm, head), a few tensors at a
+        time: those in memory (e.g. a quantized head) as they are, the rest straight from the source."""
         inside = adapter.blocks_path + "."
         tied = getattr(self.lazy.model.config, "tie_word_embeddings", False)
-        tensors, seen = {}, set()
-        for name, value in self.lazy.model.state_dict(keep_vars=True).items():
-            if name.startswith(inside) or value.device.type == "meta":
-                continue
-            key = value.data_ptr()
-            if key in seen or (tied and name.endswith("lm_head.weight")):
+        pending: dict[str, torch.Tensor] = {}
+        size, part, seen = 0, 0, set()
+        for name, value in self.lazy.model.named_parameters(remove_duplicate=False):
+            if name.startswith(inside) or name in seen or (tied and name.endswith("lm_head.weight")):
                 continue  # tied weights are stored once, under the embedding's name
-            seen.add(key)
-            tensors[self.lazy.checkpoint_name(name)] = self._cast(value.detach())
-        self.writer.write("rest", tensors)
+            seen.add(name)
+            key = self.lazy.checkpoint_name(name)
+            tensor = value.detach() if value.device.type != "meta" else self.lazy.checkpoint.get(key)
+            pending[key] = self._cast(tensor)
+            size += tensor.numel() * tensor.element_size()
+            if size >= shard_bytes:
+                self.writer.write(f"rest-{part:02d}", pending)
+                pending, size, part = {}, 0, part + 1
+        if pending:
+            self.writer.write(f"rest-{part:02d}", pending)
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.save_dtype) if t.is_floating_point() else t
