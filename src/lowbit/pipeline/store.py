@@ -57,7 +57,7 @@ class StreamingStore:
     def release_outside(self, adapter: ModelAdapter) -> None:
         """Drop them again while the blocks are worked on (the embeddings of a large vocabulary
         would otherwise sit in memory all run)."""
-        for name, module in self._outside_modules(adapter):
+        for _, module in self._outside_modules(adapter):
             if any(p.device.type != "meta" for p in module.parameters(recurse=False)):
                 module.to("meta")
 
