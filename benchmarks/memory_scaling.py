@@ -66,7 +66,7 @@ def main() -> None:
         report = result.report
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    blocks = len({r.name.split(".")[2] for r in report.layers if r.name.startswith("model.layers.")})
+    blocks = json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
     row = {
         "model": str(model_dir),
         "mode": args.mode,
@@ -78,6 +78,7 @@ def main() -> None:
         "seconds": seconds,
         "seconds_per_block": seconds / max(1, blocks),
         "blocks": blocks,
+        "layers_quantized": len(report.layers),
         "command": command(),
         "machine": machine(),
     }

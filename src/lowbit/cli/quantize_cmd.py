@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..api import quantize_checkpoint
     from ..export import check_output_dir
-    from ..pipeline import PipelineOptions
+    from ..pipeline import PipelineOptions, SanityThresholds
 
     check_output_dir(args.out, args.overwrite)
     for name in ("n_samples", "seq_len", "batch_size"):
@@ -113,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         allow_nonfinite=args.allow_nonfinite,
         progress=not args.json,
         sanity_samples=args.sanity_samples,
+        sanity=SanityThresholds(max_kl=args.sanity_max_kl),
     )
     run_ = quantize_checkpoint(
         args.model,

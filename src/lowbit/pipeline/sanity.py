@@ -79,18 +79,21 @@ class SanityTracker:
         kl = agree = count = 0.0
         nonfinite = False
         q_top, fp_top = [], []
-        for hq, hf in zip(self.q.hidden, self.fp.hidden):
-            logits_q = head(hq).float()
-            lq = torch.log_softmax(logits_q, -1).reshape(-1, logits_q.shape[-1])
-            lf = torch.log_softmax(head(hf).float(), -1).reshape(lq.shape)
-            if not torch.isfinite(lq).all():
-                nonfinite = True
-                continue
-            kl += F.kl_div(lq, lf, log_target=True, reduction="sum").item()
-            agree += (lq.argmax(-1) == lf.argmax(-1)).sum().item()
-            count += lq.shape[0]
-            q_top.append(lq.argmax(-1))
-            fp_top.append(lf.argmax(-1))
+        for hq_all, hf_all in zip(self.q.hidden, self.fp.hidden):
+            # a few positions at a time: logits over a large vocabulary are big
+            for hq, hf in zip(hq_all.split(64, dim=-2), hf_all.split(64, dim=-2)):
+                logits_q = head(hq).float()
+                lq = torch.log_softmax(logits_q, -1).reshape(-1, logits_q.shape[-1])
+                del logits_q
+                lf = torch.log_softmax(head(hf).float(), -1).reshape(lq.shape)
+                if not torch.isfinite(lq).all():
+                    nonfinite = True
+                    continue
+                kl += F.kl_div(lq, lf, log_target=True, reduction="sum").item()
+                agree += (lq.argmax(-1) == lf.argmax(-1)).sum().item()
+                count += lq.shape[0]
+                q_top.append(lq.argmax(-1))
+                fp_top.append(lf.argmax(-1))
         share_q = _top_share(q_top)
         share_fp = _top_share(fp_top)
         rep = SanityReport(
