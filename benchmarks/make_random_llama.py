@@ -42,6 +42,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config = LlamaConfig(vocab_size=32000, max_position_embeddings=2048, dtype="bfloat16", **SIZES[args.size])
+    config.architectures = ["LlamaForCausalLM"]
     with init_empty_weights():
         skeleton = LlamaForCausalLM(config)
     gen = torch.Generator().manual_seed(args.seed)

@@ -114,3 +114,17 @@ def test_registering_a_new_architecture():
         assert adapter.groups(0)[0].prev_name == "0"
     finally:
         _REGISTRY.pop("custom_test_arch", None)
+
+
+def test_model_kind_from_architectures_or_type():
+    import transformers
+
+    from lowbit.models.loading import model_kind
+
+    cfg = transformers.LlamaConfig()
+    assert cfg.architectures is None and model_kind(cfg) == "causal-lm"
+    assert model_kind(transformers.BertConfig()) == "encoder"
+    cfg.architectures = ["LlamaModel"]
+    assert model_kind(cfg) == "encoder"
+    cfg.architectures = ["LlamaForCausalLM"]
+    assert model_kind(cfg) == "causal-lm"

@@ -79,11 +79,18 @@ def resolve_model_path(name_or_path: str | Path) -> Path | str:
     return key  # a hub id (org/name); from_pretrained will try the hub
 
 
+_ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "mpnet", "albert"}
+
+
 def model_kind(config) -> str:
+    """``causal-lm`` or ``encoder``, from the config's architectures (or, without them, its type)."""
     archs = getattr(config, "architectures", None) or []
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return "causal-lm"
-    return "encoder"
+    if archs:
+        return "causal-lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs) else "encoder"
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    causal = type(config) in MODEL_FOR_CAUSAL_LM_MAPPING and config.model_type not in _ENCODER_TYPES
+    return "causal-lm" if causal else "encoder"
 
 
 def load_model(
