@@ -13,7 +13,7 @@ from tests.conftest import build_family, random_ids
 def test_rtn_through_the_api_quantizes_every_block_linear_and_reports():
     model = build_family("llama")
     original = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    res = lowbit.quantize(model, RTN(format="int4", group_size=32, symmetric=False))
+    res = lowbit.quantize(model, RTN(format="int4", group_size=32, symmetric=False), keep_codes=True)
     names = [r.name for r in res.report.layers]
     assert len(names) == 14 and "lm_head" not in names
     q = Quantizer(make_format("int4", group_size=32, symmetric=False))

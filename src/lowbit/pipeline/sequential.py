@@ -42,7 +42,9 @@ class PipelineOptions:
         batch_size: calibration sequences per forward pass.
         propagate: feed the next block the ``quantized`` block's outputs (GPTQ's order) or the
             full-precision (``fp``) ones.
-        keep_codes: keep the integer codes and scales of every layer (for export).
+        keep_codes: keep the integer codes and scales of every layer in ``result.quantized`` (for
+            export); off by default, because one uint8 code per weight is half the size of a
+            bf16 model.
         allow_nonfinite: replace NaN/Inf weights by 0 (with a warning) instead of refusing.
         progress: show progress bars.
         sanity_samples: calibration samples held back to compare the quantized model with the
@@ -56,7 +58,7 @@ class PipelineOptions:
     device: str | None = None
     batch_size: int = 8
     propagate: Literal["quantized", "fp"] = "quantized"
-    keep_codes: bool = True
+    keep_codes: bool = False
     allow_nonfinite: bool = False
     progress: bool = True
     sanity_samples: int = 4
