@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .calibration import CalibrationData, as_calibration
+from .calibration import CalibrationData, CalibrationError, as_calibration
 from .export import save_model_dir
 from .formats import QuantizedTensor
 from .models import LoadedModel, checkpoint_dtype, load_model, resolve_model_path
@@ -134,7 +134,10 @@ def quantize(
 
 def prepare_calibration(model_or_config, recipe: Recipe, calibration, tokenizer, n_samples, seq_len, seed, options):
     """Calibration samples plus the held-back samples of the sanity check (drawn together, split)."""
-    if not recipe.needs_calibration and calibration is None:
+    if calibration is None:
+        if recipe.needs_calibration:
+            needs = ", ".join(s.name for s in recipe.steps if s.needs_calibration)
+            raise CalibrationError(f"step(s) {needs} need calibration data; pass calibration=...")
         return None, None
     config = getattr(model_or_config, "config", model_or_config)
     causal = model_kind(config) == "causal-lm"
