@@ -118,7 +118,7 @@ def gptq_quantize(
         H = H.clone()
     # Work on the transpose: a column of W is then a contiguous row, and the rank-1 updates
     # touch contiguous memory (several times faster than updating column slices).
-    Wt = weight.detach().float().T.contiguous()
+    Wt = torch.empty(cols, rows, dtype=torch.float32, device=weight.device).copy_(weight.detach().T)
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -199,6 +199,21 @@ def gptq_quantize(
     return GPTQResult(qtensor, damp_used, float(losses.sum()))
 
 
+def _rtn_and_base_errors(W: torch.Tensor, H: torch.Tensor, quantizer: Quantizer, chunk: int = 512):
+    """RTN's output error and squared norm, and the weight's own, a few rows at a time (scales are
+    per row or per group of a row, so rows quantize independently; per-tensor scales need all rows)."""
+    step = W.shape[0] if quantizer.spec.granularity == "tensor" else chunk
+    rtn_err = rtn_norm = base_err = base_norm = 0.0
+    for rows in W.split(step):
+        w = rows.float()
+        delta = w - quantizer.dequantize(quantizer.quantize(w)).to(w.device)
+        rtn_err += output_error(delta, H)
+        rtn_norm += float(delta.pow(2).sum())
+        base_err += output_error(w, H)
+        base_norm += float(w.pow(2).sum())
+    return rtn_err, rtn_norm, base_err, base_norm
+
+
 def layer_subsets(unit, selected: dict[str, nn.Module], sequential: bool) -> list[list[list[str]]]:
     """Selected layers as execution-ordered subsets; each subset is a list of input-sharing groups.
 
@@ -273,10 +288,8 @@ class GPTQ(Step):
         W = weight_of(module).detach()
         H = acc.H
         # Errors are reported on the damped Hessian GPTQ minimises; RTN's is measured before H is consumed.
-        rtn_delta = W.float() - quantizer.dequantize(quantizer.quantize(W.float())).to(W.device)
-        rtn_err, rtn_norm = output_error(rtn_delta, H), float(rtn_delta.pow(2).sum())
-        del rtn_delta
-        base_err, base_norm, mean_diag = output_error(W.float(), H), float(W.float().pow(2).sum()), mean_diagonal(H)
+        rtn_err, rtn_norm, base_err, base_norm = _rtn_and_base_errors(W, H, quantizer)
+        mean_diag = mean_diagonal(H)
         if last:
             acc.H = None
         try:

@@ -21,8 +21,7 @@ class HessianAccumulator:
             return
         self.H.mul_(self.tokens / (self.tokens + m))
         self.tokens += m
-        x = x * (2.0 / self.tokens) ** 0.5
-        self.H.addmm_(x.T, x)
+        self.H.addmm_(x.T, x, alpha=2.0 / self.tokens)  # no scaled copy of x
 
 
 def output_error(delta: torch.Tensor, H: torch.Tensor, chunk: int = 256) -> float:
