@@ -122,7 +122,7 @@ def main() -> None:
         + markdown_table(
             rows,
             ["config", "tool", "method", "ppl", "KL", "top-1 agree", "seconds"],
-            {"ppl": ".3f", "KL": ".4f", "top-1 agree": ".4f", "seconds": ".1f"},
+            {"ppl": ".3f", "KL": ".2e", "top-1 agree": ".4f", "seconds": ".1f"},
         )
     )
     write_result(

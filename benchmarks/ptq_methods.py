@@ -98,7 +98,7 @@ def main() -> None:
         "bits/weight": ".3f",
         "ppl": ".3f",
         "Δppl": ".3f",
-        "KL": ".4f",
+        "KL": ".2e",
         "top-1 agree": ".4f",
         "seconds": ".1f",
         "cosine mean": ".5f",

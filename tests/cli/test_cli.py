@@ -95,6 +95,7 @@ def test_formats_and_recipe_file(tiny_dir, tmp_path):
         (["--method", "nope"], "unknown method 'nope'"),
         (["--recipe", "missing.yaml"], "recipe file missing.yaml does not exist"),
         (["--n-samples", "0", "--method", "gptq"], "--n-samples must be >= 1"),
+        (["--sanity-max-kl", "0"], "--sanity-max-kl must be > 0, got 0.0"),
     ],
 )
 def test_bad_arguments_give_one_line_errors_and_exit_2(tiny_dir, tmp_path, capsys, args, message):

@@ -25,3 +25,14 @@ def test_a_broken_model_is_not_saved_unless_forced(tmp_path):
     assert not out.exists()
     run = quantize_checkpoint("reference-lm", [RTN(format="binary")], out, seq_len=64, options=STRICT, force=True)
     assert not run.sanity.passed and run.out_dir.exists()
+
+
+def test_cli_threshold_refuses_and_force_saves(tmp_path, capsys):
+    from lowbit.cli import main
+
+    out = tmp_path / "q"
+    args = ["quantize", "reference-lm", "--out", str(out), "--format", "binary", "--seq-len", "64", "--json"]
+    assert main([*args, "--sanity-max-kl", "0.2"]) == 1  # a failed check is not a usage error
+    assert "KL divergence above 0.2" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--sanity-max-kl", "0.2", "--force"]) == 0
+    assert out.exists()

@@ -66,6 +66,12 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--sanity-samples", type=int, default=4, help="calibration samples held back for the sanity check (0: off)"
     )
+    p.add_argument(
+        "--sanity-max-kl",
+        type=float,
+        default=1.0,
+        help="largest mean KL (nats/token) to the original on held-back samples before the run is refused",
+    )
     p.add_argument("--allow-nonfinite", action="store_true", help="replace NaN/Inf weights by 0 instead of refusing")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.set_defaults(run=run)
@@ -106,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.sanity_samples < 0:
         raise ValueError(f"--sanity-samples must be >= 0, got {args.sanity_samples}")
+    if not args.sanity_max_kl > 0:
+        raise ValueError(f"--sanity-max-kl must be > 0, got {args.sanity_max_kl}")
     recipe = build_recipe(args)
     options = PipelineOptions(
         device=args.device,
