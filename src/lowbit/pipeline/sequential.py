@@ -143,13 +143,6 @@ def _head_forward(norm: nn.Module | None, head: nn.Module):
     return forward
 
 
-def _head_forward(norm: nn.Module | None, head: nn.Module):
-    def forward(h: torch.Tensor, a: tuple, kw: dict) -> torch.Tensor:
-        return head(norm(h) if norm is not None else h)
-
-    return forward
-
-
 @dataclass
 class PipelineResult:
     state: QuantState
