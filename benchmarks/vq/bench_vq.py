@@ -4,6 +4,8 @@ built from vector-quantize-pytorch (optional peer; skipped with a note when it i
 Per quantizer: test-set reconstruction MSE, code utilisation over the training set, median training-step time
 (whole step: encoder, quantizer, decoder, backward, Adam) and median quantizer-only forward+backward time.
 Ours and the peer train in lockstep (alternating which goes first), so machine load hits both alike.
+``fsq+entropy`` is our FSQ with its code-usage entropy loss; the peer has no such option, so its peer columns are the
+peer's plain FSQ.
 
     python benchmarks/vq/bench_vq.py --steps 1000 --threads 1 --out benchmarks/vq/results.json
 """
@@ -87,7 +89,8 @@ def peer_factory(name: str) -> Callable[[], nn.Module] | None:
                 dim=16, codebook_size=16, heads=2, separate_codebook_per_head=True, codebook_dim=8, **common
             )
             return PeerAdapter(layer, 16, [16, 16])
-        if name == "fsq":  # preserve_symmetry: the same symmetric grid of 4 points per channel as ours
+        if name in ("fsq", "fsq+entropy"):  # preserve_symmetry: the same symmetric grid of 4 points as ours
+            # The peer's FSQ has no entropy loss: for fsq+entropy the peer columns are its plain FSQ.
             return PeerAdapter(vqp.FSQ(levels=list(p["levels"]), preserve_symmetry=True), 4, [256])
         if name == "lfq":  # our temperature 1 == their inv_temperature 1 for +-1 codes
             layer = vqp.LFQ(

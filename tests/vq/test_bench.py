@@ -33,3 +33,11 @@ def test_benchmark_with_the_peer(bench, capsys):
     assert bench.main(["--steps", "3", "--quantizers", "grvq", "bsq"]) == 0
     printed = capsys.readouterr().out
     assert "MSE peer" in printed and "| grvq | 8 |" in printed and "| bsq | 8 |" in printed
+
+
+def test_benchmark_fsq_entropy_row_uses_the_peers_plain_fsq(bench, capsys):
+    pytest.importorskip("vector_quantize_pytorch")
+    assert bench.main(["--steps", "3", "--quantizers", "fsq+entropy"]) == 0
+    assert "| fsq+entropy | 8 |" in capsys.readouterr().out
+    layer = bench.peer_factory("fsq+entropy")().layer  # the peer has no entropy loss: its plain FSQ
+    assert type(layer).__name__ == "FSQ" and layer._levels.tolist() == [4, 4, 4, 4]

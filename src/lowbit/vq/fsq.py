@@ -1,7 +1,27 @@
 """Finite scalar quantization (Mentzer et al. 2023): round each channel to a fixed grid, no codebook to learn.
 
 Channel i is bounded with tanh to L_i levels and rounded; the implicit codebook is the product grid of prod(L_i)
-points, spaced evenly in [-1, 1]. No auxiliary loss, no collapse: every grid point is reachable by construction.
+points, spaced evenly in [-1, 1]. Plain FSQ (the default) has no auxiliary loss: every grid point is reachable by
+construction, but nothing makes the encoder *use* them all. When latent channels come out correlated, whole
+combinations of levels never occur (on the digits VQ-VAE two channels lock together and half the codebook stays
+unused at some seeds).
+
+Optional code-usage entropy loss (``entropy_weight > 0``, off by default), the same form as LFQ's: per token, each
+channel gets a soft distribution over its levels, q_i(k | z) ~ exp(-(b_i - k)^2 / temperature), b_i the bounded
+value in level units (grid step 1, so one temperature means the same softness for every L_i). The token's
+distribution over the whole codebook is the product of its channels' distributions. The loss is
+
+    entropy_weight * (mean_n H(q(. | z_n)) - diversity_gamma * H(mean_n q(. | z_n)))
+
+The first term (minimised) asks for confident assignments; the second (maximised) for a batch-average that spreads
+over every code. Because the average is taken over the *joint* distribution, the second term is maximal only when
+the channels are independent as well as individually uniform, so it penalises exactly the correlated-channel
+collapse above. The per-token entropy is exact and cheap (a product distribution's entropy is the sum of its
+channels'). The joint average needs prod(L_i) numbers per token; up to ``exact_entropy_max_codes`` codes it is
+computed exactly, above that the codebook term falls back to the sum of the per-channel entropies of the averaged
+marginals, an upper bound on the joint entropy that still spreads each channel's levels but no longer sees
+correlations between channels. As in LFQ, the batch average is over the tokens of this call (this rank's batch
+under data parallelism).
 """
 
 from __future__ import annotations
@@ -22,6 +42,13 @@ class FSQConfig:
     levels: tuple[int, ...]
     dim: int | None = None  # optional cross-check: must equal len(levels)
     channel_dim: int = -1
+    # Code-usage entropy loss (see the module docstring); 0 = plain FSQ, the published algorithm.
+    entropy_weight: float = 0.0
+    diversity_gamma: float = 1.0  # weight of the codebook-entropy (usage spreading) term inside the entropy loss
+    # Softness of the level assignment, in squared level steps: at 0.1 a token on a grid point gives its neighbours
+    # weight e^-10, one halfway between two levels splits 50/50. 1.0 was too soft on the digits VQ-VAE.
+    temperature: float = 0.1
+    exact_entropy_max_codes: int = 4096  # above this many codes the codebook term uses the per-channel bound
 
     def __post_init__(self) -> None:
         check(len(self.levels) >= 1, "levels", "need at least one level count")
@@ -35,11 +62,23 @@ class FSQConfig:
             "dim",
             f"FSQ quantizes one channel per level: dim={self.dim} but len(levels)={len(self.levels)}",
         )
+        check(self.entropy_weight >= 0, "entropy_weight", f"must be >= 0, got {self.entropy_weight}")
+        check(self.diversity_gamma >= 0, "diversity_gamma", f"must be >= 0, got {self.diversity_gamma}")
+        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check(
+            isinstance(self.exact_entropy_max_codes, int) and self.exact_entropy_max_codes >= 0,
+            "exact_entropy_max_codes",
+            f"must be an int >= 0, got {self.exact_entropy_max_codes!r}",
+        )
         object.__setattr__(self, "levels", tuple(self.levels))
 
 
 class FSQ(Quantizer):
-    """``FSQ(levels=[8, 5, 5, 5])``: 1000 codes on 4 channels; index = mixed-radix number of the per-channel digits."""
+    """``FSQ(levels=[8, 5, 5, 5])``: 1000 codes on 4 channels; index = mixed-radix number of the per-channel digits.
+
+    ``FSQ(levels=[4, 4, 4, 4], entropy_weight=0.002)`` adds the code-usage entropy loss to ``forward(...).loss`` in
+    training mode (``aux``: ``per_sample_entropy``, ``codebook_entropy``); the codes themselves are unchanged.
+    """
 
     def __init__(self, config: FSQConfig | None = None, /, **kwargs: Any) -> None:
         super().__init__()
@@ -56,6 +95,12 @@ class FSQ(Quantizer):
         self.register_buffer("half_levels", levels.float() / 2, persistent=False)
         self.register_buffer("max_digit", (levels - 1).float(), persistent=False)
         self.register_buffer("half_width", (levels - 1).float() / 2, persistent=False)
+        # Entropy loss: level positions 0..L_i-1 as a (max L, dim, 1) grid; levels past L_i are padding.
+        top = max(cfg.levels)
+        grid = torch.arange(top, dtype=torch.float32)[:, None, None].expand(top, self.dim, 1)
+        self.register_buffer("level_grid", grid.clone(), persistent=False)
+        self.register_buffer("level_pad", grid >= levels[None, :, None].float(), persistent=False)
+        self.padded_levels = len(set(cfg.levels)) > 1
 
     @property
     def codebook_sizes(self) -> list[int]:
@@ -69,13 +114,64 @@ class FSQ(Quantizer):
         """
         return (torch.tanh(z) + 1) * self.half_levels - 0.5
 
+    def level_log_probs(self, bounded: Tensor) -> Tensor:
+        """(max L, dim, N) log q_i(k | z_n): softmax over channel i's levels of -(b_i - k)^2 / temperature.
+
+        Levels first: the reductions over a handful of levels then run across contiguous rows, several times faster
+        on CPU than over a short last axis. Levels beyond L_i (channels with different L) get probability exactly 0.
+        """
+        logits = (bounded.t() - self.level_grid).square() / -self.config.temperature
+        if self.padded_levels:
+            # A finite fill, not -inf: exp gives an exact 0 and 0 * log 0 terms stay 0 (no NaN forward or backward).
+            logits = logits.masked_fill(self.level_pad, -1e30)
+        return logits.log_softmax(dim=0)
+
+    def _outer(self, p: Tensor, channels: list[int]) -> Tensor:
+        """(prod L_i, N): per-token outer product of the channels' level distributions, first channel most
+        significant."""
+        joint = p.new_ones(1, p.shape[-1])
+        for i in channels:  # a loop over channels, not tokens
+            joint = (joint[:, None, :] * p[: self.config.levels[i], i][None]).reshape(-1, p.shape[-1])
+        return joint
+
+    def entropy_terms(self, bounded: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean per-token entropy, entropy of the batch-averaged code distribution), both in nats.
+
+        ``bounded`` is ``bound(z)``, (N, dim) in level units. The codebook term is exact up to
+        ``exact_entropy_max_codes`` codes (the averaged joint over all prod(L_i) codes) and the per-channel upper
+        bound above that (see the module docstring).
+        """
+        log_p = self.level_log_probs(bounded)
+        p = log_p.exp()
+        n = bounded.shape[0]
+        per_token = -(p * log_p).sum() / n  # entropy of a product = sum of the channels' entropies
+        if self.codebook_size <= self.config.exact_entropy_max_codes:
+            # mean_n q(code | z_n), in index order (channel 0 is the least significant digit). The channels are
+            # split in two halves, each half's per-token joint is built as an outer product, and the average over
+            # tokens is one matmul between the halves: (N, sqrt(K))-sized intermediates, never (N, K).
+            half = self.dim // 2
+            high = self._outer(p, list(range(self.dim - 1, half - 1, -1)))
+            low = self._outer(p, list(range(half - 1, -1, -1)))
+            avg = (high @ low.t()).reshape(-1) / n
+            codebook = -(avg * (avg + 1e-12).log()).sum()
+        else:
+            marginal = p.mean(-1)  # (max L, dim), padding rows are 0
+            codebook = -(marginal * (marginal + 1e-12).log()).sum()
+        return per_token, codebook
+
     def _quantize(self, x: Tensor) -> QuantizerResult:  # type: ignore[override]
+        cfg = self.config
         bounded = self.bound(x)
         # Clamp: tanh saturates to exactly +-1 in fp32, and round(L - 0.5) would step off the grid.
         digits = bounded.round().clamp_(min=0).minimum(self.max_digit)
         codes = self._digits_to_codes(straight_through(bounded, digits))
         indices = (digits.long() * self.basis).sum(dim=-1)
-        return QuantizerResult(codes, indices, x.new_zeros(()), {})
+        loss, aux = x.new_zeros(()), {}
+        if cfg.entropy_weight > 0 and self.training:
+            per_token, codebook = self.entropy_terms(bounded)
+            loss = cfg.entropy_weight * (per_token - cfg.diversity_gamma * codebook)
+            aux = {"per_sample_entropy": per_token.detach(), "codebook_entropy": codebook.detach()}
+        return QuantizerResult(codes, indices, loss, aux)
 
     def _digits_to_codes(self, digits: Tensor) -> Tensor:
         return digits / self.half_width - 1  # grid points in [-1, 1]

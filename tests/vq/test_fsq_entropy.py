@@ -1,0 +1,127 @@
+"""FSQ's optional code-usage entropy loss: exact value, finite gradients, and that it spreads usage."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from lowbit.vq import FSQ
+
+
+def _entropy(p: torch.Tensor) -> float:
+    return float(-torch.special.xlogy(p, p).sum())
+
+
+def _brute_force(bounded: torch.Tensor, levels: list[int], temperature: float) -> tuple[float, float, float]:
+    """(mean per-token entropy, exact codebook entropy, per-channel bound) by enumerating every code, in float64."""
+    f64 = torch.float64
+    codes = list(itertools.product(*[range(L) for L in levels]))
+    n = bounded.shape[0]
+    avg = torch.zeros(len(codes), dtype=f64)
+    marginals = [torch.zeros(L, dtype=f64) for L in levels]
+    per_token = 0.0
+    for row in bounded.double():
+        channel = []
+        for i, L in enumerate(levels):
+            w = torch.tensor([math.exp(-((float(row[i]) - k) ** 2) / temperature) for k in range(L)], dtype=f64)
+            channel.append(w / w.sum())
+            marginals[i] += channel[-1] / n
+        joint = torch.tensor([math.prod(float(channel[i][c[i]]) for i in range(len(levels))) for c in codes], dtype=f64)
+        per_token += _entropy(joint) / n
+        avg += joint / n
+    return per_token, _entropy(avg), sum(_entropy(m) for m in marginals)
+
+
+@pytest.mark.parametrize(
+    ("levels", "temperature"),
+    [([3, 2, 4], 0.25), ([3, 2, 4], 1.0), ([5], 0.5), ([2, 3, 2, 2, 3], 0.1), ([4, 4], 0.1)],
+)
+def test_entropy_terms_match_brute_force(levels, temperature):
+    # Unequal levels exercise the padding of the level grid; odd and even channel counts the two-half split.
+    torch.manual_seed(1)
+    z = torch.randn(7, len(levels)) * 1.5
+    q = FSQ(levels=levels, entropy_weight=1.0, temperature=temperature)
+    per_token, codebook = q.entropy_terms(q.bound(z))
+    want_token, want_codebook, want_bound = _brute_force(q.bound(z), levels, temperature)
+    assert float(per_token) == pytest.approx(want_token, rel=1e-5)
+    assert float(codebook) == pytest.approx(want_codebook, rel=1e-5)
+    # Above exact_entropy_max_codes: the per-channel bound, which is >= the exact joint entropy.
+    big = FSQ(levels=levels, entropy_weight=1.0, temperature=temperature, exact_entropy_max_codes=math.prod(levels) - 1)
+    per_token_big, bound = big.entropy_terms(big.bound(z))
+    assert float(per_token_big) == pytest.approx(want_token, rel=1e-5)
+    assert float(bound) == pytest.approx(want_bound, rel=1e-5)
+    assert want_bound >= want_codebook - 1e-9
+
+
+def test_layer_loss_is_the_weighted_difference_and_only_in_training():
+    q = FSQ(levels=[4, 4], entropy_weight=0.3, diversity_gamma=2.0, temperature=0.5)
+    z = torch.randn(64, 2)
+    out = q(z)
+    per_token, codebook = q.entropy_terms(q.bound(z))
+    torch.testing.assert_close(out.loss, 0.3 * (per_token - 2.0 * codebook))
+    torch.testing.assert_close(out.aux["per_sample_entropy"], per_token)
+    torch.testing.assert_close(out.aux["codebook_entropy"], codebook)
+    q.eval()
+    assert float(q(z).loss) == 0.0 and q(z).aux == {}
+    plain = FSQ(levels=[4, 4])  # the default is plain FSQ: no auxiliary loss at all
+    assert plain.config.entropy_weight == 0.0
+    assert float(plain(z).loss) == 0.0 and plain(z).aux == {}
+    torch.testing.assert_close(plain(z).quantized, out.quantized)  # the loss never changes the codes
+
+
+@pytest.mark.parametrize("exact_max", [4096, 0])
+def test_loss_and_gradient_are_finite_and_nonzero(exact_max):
+    # Unequal levels (padded grid), saturated tanh inputs, exact zeros and a one-token batch.
+    q = FSQ(levels=[5, 2, 3, 8], entropy_weight=1.0, temperature=0.1, exact_entropy_max_codes=exact_max)
+    for z in (torch.randn(256, 4) * 30, torch.zeros(3, 4), torch.randn(1, 4)):
+        z = z.clone().requires_grad_()
+        out = q(z)
+        out.loss.backward()
+        assert torch.isfinite(out.loss)
+        assert torch.isfinite(z.grad).all()
+    z = torch.randn(256, 4).requires_grad_()
+    q(z).loss.backward()
+    assert (z.grad.abs().sum(0) > 0).all()  # every channel gets a gradient
+
+
+def test_joint_codebook_term_penalises_correlated_channels():
+    # Two channels that are individually uniform over their 4 levels but identical use only 4 of the 16 codes: the
+    # per-channel bound cannot tell them from independent channels, the exact joint term can.
+    torch.manual_seed(0)
+    digit_a, digit_b = torch.randint(0, 4, (2, 4096)).float()
+    independent = torch.stack([digit_a, digit_b], 1)
+    correlated = torch.stack([digit_a, digit_a], 1)
+    exact = FSQ(levels=[4, 4], entropy_weight=1.0, temperature=0.05)
+    bound = FSQ(levels=[4, 4], entropy_weight=1.0, temperature=0.05, exact_entropy_max_codes=0)
+    assert float(exact.entropy_terms(independent)[1]) == pytest.approx(math.log(16), rel=1e-2)
+    assert float(exact.entropy_terms(correlated)[1]) == pytest.approx(math.log(4), rel=1e-2)
+    assert float(bound.entropy_terms(correlated)[1]) == pytest.approx(math.log(16), rel=1e-2)
+
+
+def test_descending_the_loss_decorrelates_a_collapsed_batch():
+    # Start from the digits failure mode: channel 1 copies channel 0, so only the 4 "diagonal" codes of 16 occur.
+    # Gradient descent on the entropy loss alone must use every code and move a real share of the batch off the
+    # diagonal; without the codebook term (diversity_gamma = 0) nothing pulls the channels apart.
+    torch.manual_seed(0)
+    base = torch.randn(512, 1) * 1.2
+    start = torch.cat([base, base + 0.01 * torch.randn(512, 1)], 1)
+
+    def counts_after(gamma: float) -> torch.Tensor:
+        z = start.clone().requires_grad_()
+        q = FSQ(levels=[4, 4], entropy_weight=1.0, diversity_gamma=gamma, temperature=0.25)
+        opt = torch.optim.Adam([z], lr=0.05)
+        for _ in range(150):
+            opt.zero_grad()
+            q(z).loss.backward()
+            opt.step()
+        return torch.bincount(q(z.detach()).indices, minlength=16)
+
+    def off_diagonal(counts: torch.Tensor) -> float:  # share of tokens whose two digits differ
+        return 1 - float(counts[[0, 5, 10, 15]].sum()) / float(counts.sum())
+
+    assert off_diagonal(counts_after(0.0)) < 0.02
+    spread = counts_after(1.0)
+    assert (spread > 0).all()
+    assert off_diagonal(spread) > 0.15
+    assert off_diagonal(torch.bincount(FSQ(levels=[4, 4])(start).indices, minlength=16)) < 0.01
