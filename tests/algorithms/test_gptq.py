@@ -102,3 +102,37 @@ def test_per_tensor_and_per_channel_granularity():
         res = gptq_quantize(W, H, q)
         rtn = q.dequantize(q.quantize(W))
         assert output_error(W - q.dequantize(res.qtensor), H) <= output_error(W - rtn, H)
+
+
+def test_in_place_factorisation_matches_torch_and_survives_retries():
+    from lowbit.algorithms.gptq import _inverse_cholesky
+
+    torch.manual_seed(3)
+    X = torch.randn(200, 64, dtype=torch.float64)
+    eigvals, vecs = torch.linalg.eigh(X.T @ X / 200)
+    eigvals[:4] = -0.05 * eigvals.mean()  # needs a second attempt with more damping
+    for H in (X.T @ X / 200, (vecs * eigvals) @ vecs.T):
+        H = (H + H.T) / 2
+        storage = H.clone()
+        U, damp = _inverse_cholesky(storage, 0.01, 4)
+        assert U.data_ptr() == storage.data_ptr()  # no second matrix
+        Hd = H + damp * H.diagonal().mean() * torch.eye(64, dtype=H.dtype)
+        expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+        torch.testing.assert_close(U.triu(), expected)
+        torch.testing.assert_close(U.T @ U, torch.linalg.inv(Hd))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 40), st.integers(0, 2**31 - 1))
+def test_in_place_permutations(n, seed):
+    from lowbit.algorithms.gptq import _permute_rows_, _permute_symmetric_
+
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=g)
+    A = torch.randn(n, n, generator=g)
+    H = A @ A.T
+    W = torch.randn(n, 3, generator=g)
+    expected_h, expected_w = H[perm][:, perm], W[perm]
+    _permute_symmetric_(H, perm, chunk=7)
+    _permute_rows_(W, perm)
+    assert torch.equal(H, expected_h) and torch.equal(W, expected_w)

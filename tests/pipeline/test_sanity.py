@@ -12,7 +12,9 @@ STRICT = PipelineOptions(progress=False, sanity_samples=4, sanity=SanityThreshol
 
 
 def test_a_healthy_model_passes(tmp_path):
-    run = quantize_checkpoint("reference-lm", [RTN(format="int8", group_size=-1)], tmp_path / "ok", seq_len=64, options=OPTS)
+    run = quantize_checkpoint(
+        "reference-lm", [RTN(format="int8", group_size=-1)], tmp_path / "ok", seq_len=64, options=OPTS
+    )
     assert run.sanity.passed and run.sanity.kl < 0.01 and run.sanity.top1_agreement > 0.95
     assert run.sanity.tokens == 4 * 64
     assert run.report.extra["sanity"]["passed"]

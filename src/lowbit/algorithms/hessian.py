@@ -14,14 +14,20 @@ class HessianAccumulator:
         self.H = torch.zeros(columns, columns, device=device, dtype=dtype)
         self.tokens = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, self.H.shape[0]).to(device=self.H.device, dtype=self.H.dtype)
-        m = x.shape[0]
-        if m == 0:
-            return
-        self.H.mul_(self.tokens / (self.tokens + m))
-        self.tokens += m
-        self.H.addmm_(x.T, x, alpha=2.0 / self.tokens)  # no scaled copy of x
+    def add(self, x: torch.Tensor, chunk: int = 1024) -> None:
+        # A few tokens at a time: the float32 copy of a whole batch of wide inputs (an MLP's
+        # intermediate activations) would be as large as the Hessian itself.
+        for part in x.detach().reshape(-1, self.H.shape[0]).split(chunk):
+            part = part.to(device=self.H.device, dtype=self.H.dtype)
+            m = part.shape[0]
+            self.H.mul_(self.tokens / (self.tokens + m))
+            self.tokens += m
+            self.H.addmm_(part.T, part, alpha=2.0 / self.tokens)  # no scaled copy of x
+
+    def take(self) -> torch.Tensor:
+        """Hand over ``H`` (the accumulator no longer holds it), so the taker may overwrite it."""
+        H, self.H = self.H, None
+        return H
 
 
 def output_error(delta: torch.Tensor, H: torch.Tensor, chunk: int = 256) -> float:

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import re
+import struct
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ class SafetensorsCheckpoint:
         from safetensors import safe_open
 
         self.path = Path(path)
+        self._headers: dict[str, tuple[dict, int]] = {}
         index = self.path / "model.safetensors.index.json"
         single = self.path / "model.safetensors"
         if index.exists():
@@ -64,10 +66,11 @@ class SafetensorsCheckpoint:
         return self.get_many([name])[name]
 
     def get_many(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Read tensors into private memory; each shard is mapped only while it is read, so the
-        pages of blocks already done do not stay resident."""
-        from safetensors import safe_open
+        """Read tensors straight into private memory with plain file reads.
 
+        Not through safetensors' memory map: mapped pages count towards the resident set until the
+        map is closed, which doubled the peak while a large tensor (an embedding) was copied out.
+        """
         by_file: dict[str, list[str]] = {}
         for name in names:
             if name not in self.where:
@@ -75,15 +78,24 @@ class SafetensorsCheckpoint:
             by_file.setdefault(self.where[name], []).append(name)
         out = {}
         for file, keys in by_file.items():
-            try:
-                with safe_open(str(self.path / file), framework="pt", device="cpu") as handle:
-                    for key in keys:
-                        out[key] = handle.get_tensor(key).clone()
-            except ModelLoadError:
-                raise
-            except Exception as exc:
-                raise ModelLoadError(f"cannot read {keys[0]} from {self.path / file}: {exc}") from None
+            path = self.path / file
+            header, data_start = self._header(file)
+            with open(path, "rb", buffering=0) as f:
+                for key in keys:
+                    out[key] = _read_tensor(f, path, key, header.get(key), data_start)
         return out
+
+    def _header(self, file: str) -> tuple[dict, int]:
+        if file not in self._headers:
+            path = self.path / file
+            try:
+                with open(path, "rb") as f:
+                    (length,) = struct.unpack("<Q", f.read(8))
+                    header = json.loads(f.read(length))
+            except (struct.error, json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+                raise ModelLoadError(f"checkpoint shard {path} is corrupt: {exc}") from None
+            self._headers[file] = (header, 8 + length)
+        return self._headers[file]
 
     def fingerprint(self) -> dict[str, str]:
         """Per file: size and a hash of its header and first/last MiB (cheap, changes with content)."""
@@ -102,6 +114,50 @@ class SafetensorsCheckpoint:
         if config.exists():
             out["config.json"] = hashlib.sha256(config.read_bytes()).hexdigest()[:16]
         return out
+
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def _read_tensor(f, path: Path, key: str, entry: dict | None, data_start: int) -> torch.Tensor:
+    """One tensor of an open safetensors file, read into a fresh buffer."""
+    try:
+        dtype = _DTYPES[entry["dtype"]]
+        shape = [int(d) for d in entry["shape"]]
+        begin, end = (int(o) for o in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        raise ModelLoadError(f"checkpoint shard {path} has an unreadable entry for {key}: {entry}") from None
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    numel = 1
+    for d in shape:
+        numel *= d
+    if end - begin != numel * itemsize:
+        raise ModelLoadError(
+            f"checkpoint shard {path}: {key} holds {end - begin} bytes, its shape needs {numel * itemsize}"
+        )
+    buffer = torch.empty(end - begin, dtype=torch.uint8)
+    view = memoryview(buffer.numpy())
+    f.seek(data_start + begin)
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            raise ModelLoadError(f"checkpoint shard {path} is truncated: {key} ends past the end of the file")
+        done += n
+    return buffer.view(dtype).reshape(shape)
 
 
 class LazyModel:
@@ -154,11 +210,17 @@ class LazyModel:
         self._load({n: t for n, t in module.named_parameters(prefix=prefix) if t.device.type == "meta"})
 
     @torch.no_grad()
-    def materialize_outside(self, blocks_path: str) -> None:
-        """Load everything that is not inside the blocks (embeddings, final norm, head)."""
+    def materialize_outside(self, blocks_path: str, skip: tuple[str, ...] = ()) -> None:
+        """Load everything that is not inside the blocks (embeddings, final norm, head), except the
+        modules named in ``skip``."""
         inside = blocks_path + "."
+        skipped = tuple(f"{name}." for name in skip)
         self._load(
-            {n: t for n, t in self.model.named_parameters() if not n.startswith(inside) and t.device.type == "meta"}
+            {
+                n: t
+                for n, t in self.model.named_parameters()
+                if not n.startswith(inside) and not n.startswith(skipped) and t.device.type == "meta"
+            }
         )
         if getattr(self.model.config, "tie_word_embeddings", False):
             self.model.tie_weights()

@@ -22,6 +22,7 @@ from ..algorithms.base import Step
 from ..calibration import CalibrationData, CalibrationError
 from ..models import ModelAdapter
 from ..models.loading import model_kind
+from .memory import return_freed_memory_promptly, trim
 from .plan import NonFiniteError, check_finite_weights, check_plan, mark_followers
 from .progress import ProgressReporter
 from .resume import RunDirectory
@@ -118,7 +119,7 @@ def _move_outside_blocks(model: nn.Module, adapter: ModelAdapter, device: torch.
     moved = []
     prefix = adapter.blocks_path + "."
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if not name.startswith(prefix) and t.device != device:
+        if not name.startswith(prefix) and t.device != device and t.device.type != "meta":
             moved.append((t, t.data))
             t.data = t.data.to(device)
     return moved
@@ -166,6 +167,7 @@ def run_pipeline(
     """
     options = options or PipelineOptions()
     store = store or InMemoryStore()
+    return_freed_memory_promptly()
     adapter = ModelAdapter(model)
     adapter.unfuse_experts()
     targeted = check_plan(adapter, steps, options.allow_nonfinite)
@@ -185,6 +187,7 @@ def run_pipeline(
         if check_sanity:
             sanity = SanityTracker(capture_first_block_inputs(model, adapter, held_back, options))
         store.release_outside(adapter)
+        log.debug("first-block inputs captured")
     start_block = 0
     resume = run_dir.load() if run_dir is not None else None
     if resume is not None:
@@ -207,6 +210,7 @@ def run_pipeline(
             name = adapter.block_name(index)
             started = time.perf_counter()
             store.load_block(adapter, index)
+            log.debug("%s loaded", name)
             check_finite_weights(
                 {n: m for n, m in adapter.block_linears(index).items() if n in targeted}, options.allow_nonfinite
             )
@@ -251,6 +255,7 @@ def run_pipeline(
                 sanity.after(unit)
             block.to(home)
             store.finish_block(adapter, index)
+            trim()
             if run_dir is not None:
                 activations = {"hidden": inputs.hidden} if inputs is not None else {}
                 if sanity is not None:

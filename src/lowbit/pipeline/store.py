@@ -51,8 +51,10 @@ class StreamingStore:
         self.save_dtype = save_dtype or lazy.dtype
 
     def load_outside(self, adapter: ModelAdapter) -> None:
-        """Embeddings and the rest, for capturing the first block's inputs."""
-        self.lazy.materialize_outside(adapter.blocks_path)
+        """What runs before the first block (embeddings), for capturing that block's inputs; the
+        final norm and the head wait for :meth:`load_head`."""
+        head = tuple(name for name, module in (adapter.final_norm(), adapter.lm_head()) if module is not None)
+        self.lazy.materialize_outside(adapter.blocks_path, skip=head)
 
     def release_outside(self, adapter: ModelAdapter) -> None:
         """Drop them again while the blocks are worked on (the embeddings of a large vocabulary
