@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from safetensors.torch import save_file
+
 from lowbit.models.lazy import SafetensorsCheckpoint
 from lowbit.models.loading import ModelLoadError
-from safetensors.torch import save_file
 
 
 def _tensors():
