@@ -30,3 +30,10 @@ def test_vq_train_bad_arguments_exit_2_with_one_line(capsys):
     assert "invalid choice" in err and "\n" not in err
     assert main(["vq-train", "--batch-size", "0"]) == 2
     assert capsys.readouterr().err.strip().startswith("lowbit: error: --batch-size")
+
+
+def test_cli_offers_every_benchmark_quantizer():
+    from lowbit.cli.vq_cmd import QUANTIZER_CHOICES
+    from lowbit.vq.digits import QUANTIZERS
+
+    assert set(QUANTIZER_CHOICES) == set(QUANTIZERS)

@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-QUANTIZER_CHOICES = ("vq", "rvq", "grvq", "fsq", "lfq", "bsq", "pq")
+QUANTIZER_CHOICES = ("vq", "rvq", "grvq", "fsq", "fsq+entropy", "lfq", "bsq", "pq")  # = lowbit.vq.digits.QUANTIZERS
 
 
 def add_parser(sub) -> None:
