@@ -116,6 +116,7 @@ def quantize(
     model.train(was_training)
     extra = {"calibration": calib.describe() if calib is not None else None}
     if result.sanity is not None:
+        result.sanity.decode(tokenizer)
         extra["sanity"] = result.sanity.to_dict()
         if not result.sanity.passed:
             log.warning("%s", SanityCheckFailed(result.sanity))

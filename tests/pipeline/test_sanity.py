@@ -38,3 +38,38 @@ def test_cli_threshold_refuses_and_force_saves(tmp_path, capsys):
     assert "KL divergence above 0.2" in capsys.readouterr().err and not out.exists()
     assert main([*args, "--sanity-max-kl", "0.2", "--force"]) == 0
     assert out.exists()
+
+
+def test_blockwise_greedy_generation_matches_transformers_generate(tmp_path):
+    """The check's generation (block by block, streamed from disk) is the model's own greedy one."""
+    import torch
+
+    from lowbit import load_model
+
+    run = quantize_checkpoint("reference-lm", [RTN(format="int4")], tmp_path / "q", seq_len=64, options=OPTS)
+    rep = run.sanity
+    assert len(rep.generated_ids) == len(rep.generated_ids_reference) == 8
+    assert rep.generation and rep.generation_reference  # decoded with the tokenizer
+    prompt = torch.tensor([rep.prompt_ids])
+    assert len(rep.prompt_ids) == 16 and rep.prompt
+    for name, expected in (("reference-lm", rep.generated_ids_reference), (run.out_dir, rep.generated_ids)):
+        model = load_model(name, dtype=torch.float32).model
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
+        assert out[0, 16:].tolist() == expected
+
+
+def test_a_model_that_repeats_one_token_fails_the_generation_check():
+    import torch
+
+    from lowbit.pipeline.sanity import SanityTracker
+    from lowbit.pipeline.unit import BlockInputs
+
+    hidden = [torch.randn(1, 8, 4)]
+    tracker = SanityTracker(BlockInputs(hidden, [()], [{}]))
+    tracker.generated_reference = [3, 1, 4, 1, 5, 9, 2, 6]
+    head = torch.nn.Linear(4, 10)
+    rep = tracker.report(head, SanityThresholds(), generated=[7] * 8)
+    assert not rep.passed and rep.collapsed and "repeats one token" in rep.reason
+    assert tracker.report(head, SanityThresholds(), generated=[3, 1, 4, 1, 5, 9, 2, 7]).passed
+    tracker.generated_reference = [7] * 8  # the original repeats itself too: not the quantization's fault
+    assert tracker.report(head, SanityThresholds(), generated=[7] * 8).passed

@@ -72,6 +72,12 @@ def add_parser(sub) -> None:
         default=1.0,
         help="largest mean KL (nats/token) to the original on held-back samples before the run is refused",
     )
+    p.add_argument(
+        "--sanity-generate",
+        type=int,
+        default=8,
+        help="new tokens of the sanity check's greedy generation, original vs quantized (0: none)",
+    )
     p.add_argument("--allow-nonfinite", action="store_true", help="replace NaN/Inf weights by 0 instead of refusing")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.set_defaults(run=run)
@@ -112,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.sanity_samples < 0:
         raise ValueError(f"--sanity-samples must be >= 0, got {args.sanity_samples}")
+    if args.sanity_generate < 0:
+        raise ValueError(f"--sanity-generate must be >= 0, got {args.sanity_generate}")
     if not args.sanity_max_kl > 0:
         raise ValueError(f"--sanity-max-kl must be > 0, got {args.sanity_max_kl}")
     recipe = build_recipe(args)
@@ -122,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.json,
         sanity_samples=args.sanity_samples,
         sanity=SanityThresholds(max_kl=args.sanity_max_kl),
+        sanity_generate=args.sanity_generate,
     )
     run_ = quantize_checkpoint(
         args.model,
@@ -170,5 +179,16 @@ def sanity_table(report):
         "most frequent prediction share",
         f"{report.top_token_share:.3f} (original {report.top_token_share_reference:.3f})",
     )
+    if report.generated_ids is not None:
+        t.add_row("prompt (held-back sample)", _shown(report.prompt, report.prompt_ids))
+        t.add_row("greedy continuation, original", _shown(report.generation_reference, report.generated_ids_reference))
+        t.add_row("greedy continuation, quantized", _shown(report.generation, report.generated_ids))
     t.add_row("result", "passed" if report.passed else f"FAILED: {report.reason}")
     return t
+
+
+def _shown(text: str | None, ids: list[int] | None) -> str:
+    """The decoded text (escaped, so that newlines stay in the table), else the token ids."""
+    if text is not None:
+        return repr(text)
+    return " ".join(str(i) for i in ids or [])

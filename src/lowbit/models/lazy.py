@@ -56,6 +56,18 @@ class SafetensorsCheckpoint:
             if len(self.files) == 1:
                 self.where = dict.fromkeys(keys, name)
 
+    @classmethod
+    def single_file(cls, file: str | Path) -> SafetensorsCheckpoint:
+        """One shard on its own (e.g. a block just written by a streaming run)."""
+        file = Path(file)
+        self = cls.__new__(cls)
+        self.path = file.parent
+        self._headers = {}
+        self.files = [file.name]
+        header, _ = self._header(file.name)
+        self.where = {k: file.name for k in header if k != "__metadata__"}
+        return self
+
     def keys(self) -> list[str]:
         return list(self.where)
 
@@ -205,9 +217,10 @@ class LazyModel:
             self._renames.append((pattern, rf"\1.{checkpoint_prefix}."))
 
     @torch.no_grad()
-    def materialize(self, module: nn.Module, prefix: str) -> None:
-        """Load the parameters of ``module`` (named ``prefix`` in the model) from disk."""
-        self._load({n: t for n, t in module.named_parameters(prefix=prefix) if t.device.type == "meta"})
+    def materialize(self, module: nn.Module, prefix: str, source: SafetensorsCheckpoint | None = None) -> None:
+        """Load the parameters of ``module`` (named ``prefix`` in the model) from disk (from
+        ``source`` instead of the model's own checkpoint when given)."""
+        self._load({n: t for n, t in module.named_parameters(prefix=prefix) if t.device.type == "meta"}, source)
 
     @torch.no_grad()
     def materialize_outside(self, blocks_path: str, skip: tuple[str, ...] = ()) -> None:
@@ -225,19 +238,20 @@ class LazyModel:
         if getattr(self.model.config, "tie_word_embeddings", False):
             self.model.tie_weights()
 
-    def _load(self, params: dict[str, torch.Tensor]) -> None:
+    def _load(self, params: dict[str, torch.Tensor], source: SafetensorsCheckpoint | None = None) -> None:
         from accelerate.utils import set_module_tensor_to_device
 
+        checkpoint = source or self.checkpoint
         keys = {}
         for name in params:
             key = self.checkpoint_name(name)
-            if key not in self.checkpoint:
+            if key not in checkpoint:
                 tied = self._tied_source(name)
                 if tied is None:
                     raise ModelLoadError(f"tensor {key} is missing from the checkpoint {self.path}")
                 key = self.checkpoint_name(tied)
             keys[name] = key
-        values = self.checkpoint.get_many(list(set(keys.values())))
+        values = checkpoint.get_many(list(set(keys.values())))
         for name, current in params.items():
             value = values[keys[name]]
             if tuple(value.shape) != tuple(current.shape):

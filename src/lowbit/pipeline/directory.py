@@ -127,6 +127,8 @@ def quantize_directory(
     result = run_pipeline(
         lazy.model, recipe.steps, calibration, options, held_back=held_back, store=store, run_dir=run_dir
     )
+    if result.sanity is not None:
+        result.sanity.decode(tokenizer)
     report = build_report(lazy.model, result.state, time.perf_counter() - start, storage_dtype=save_dtype)
     report.extra.update(
         calibration=calibration.describe() if calibration is not None else None,

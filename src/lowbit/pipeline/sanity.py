@@ -5,6 +5,10 @@ through the full-precision block (before the recipe runs on it) and through the 
 (after). At the end both go through the final norm and head, and the next-token distributions
 are compared: mean KL divergence, top-1 agreement, NaN, and collapse to one repeated token.
 This needs no second copy of the model and works when blocks are streamed from disk.
+
+Besides, both models continue the start of the first held-back sample greedily for a few tokens
+(:mod:`.generation`): a quantized model that only repeats one token where the original does not
+fails the check.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .generation import repeats_one_token
 from .unit import BlockInputs
 
 
@@ -26,6 +31,10 @@ class SanityReport:
     top_token_share: float
     top_token_share_reference: float
     collapsed: bool
+    prompt_ids: list[int] | None = None
+    generated_ids: list[int] | None = None
+    generated_ids_reference: list[int] | None = None
+    prompt: str | None = None
     generation: str | None = None
     generation_reference: str | None = None
     passed: bool = True
@@ -33,6 +42,17 @@ class SanityReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def decode(self, tokenizer) -> None:
+        """Fill in the generations as text."""
+        if tokenizer is None:
+            return
+        if self.prompt_ids is not None:
+            self.prompt = tokenizer.decode(self.prompt_ids)
+        if self.generated_ids is not None:
+            self.generation = tokenizer.decode(self.generated_ids)
+        if self.generated_ids_reference is not None:
+            self.generation_reference = tokenizer.decode(self.generated_ids_reference)
 
 
 @dataclass
@@ -66,16 +86,33 @@ class SanityTracker:
         self.q = self.q.with_hidden(unit.forward_inputs(self.q))
         self.fp = self.fp.with_hidden(self._pending_fp)
 
+    #: the original model's greedy continuation of the prompt (computed before any block changes)
+    generated_reference: list[int] | None = None
+
     def state(self) -> dict[str, list[torch.Tensor]]:
-        return {"sanity_fp": self.fp.hidden, "sanity_q": self.q.hidden}
+        state = {"sanity_fp": self.fp.hidden, "sanity_q": self.q.hidden}
+        if self.generated_reference is not None:
+            state["sanity_generated_reference"] = [torch.tensor(self.generated_reference, dtype=torch.long)]
+        return state
 
     def restore(self, activations: dict[str, list[torch.Tensor]]) -> None:
         self.fp = self.fp.with_hidden(activations["sanity_fp"])
         self.q = self.q.with_hidden(activations["sanity_q"])
+        if "sanity_generated_reference" in activations:
+            self.generated_reference = activations["sanity_generated_reference"][0].tolist()
 
     @torch.no_grad()
-    def report(self, head, thresholds: SanityThresholds) -> SanityReport:
-        """``head`` maps final hidden states to logits (final norm + output projection)."""
+    def report(
+        self,
+        head,
+        thresholds: SanityThresholds,
+        generated: list[int] | None = None,
+        generation_nonfinite: bool = False,
+        prompt: list[int] | None = None,
+    ) -> SanityReport:
+        """``head`` maps final hidden states to logits (final norm + output projection);
+        ``generated`` is the quantized model's greedy continuation of the same prompt as
+        :attr:`generated_reference`."""
         kl = agree = count = 0.0
         nonfinite = False
         q_top, fp_top = [], []
@@ -104,11 +141,24 @@ class SanityTracker:
             top_token_share=share_q,
             top_token_share_reference=share_fp,
             collapsed=share_q > thresholds.collapse_share and share_fp < thresholds.reference_share,
+            prompt_ids=prompt,
+            generated_ids=generated,
+            generated_ids_reference=self.generated_reference,
+        )
+        rep.nonfinite = rep.nonfinite or generation_nonfinite
+        repeats = (
+            generated is not None
+            and self.generated_reference is not None
+            and repeats_one_token(generated)
+            and not repeats_one_token(self.generated_reference)
         )
         if rep.nonfinite:
             rep.passed, rep.reason = False, "the quantized model produces NaN/Inf"
         elif rep.collapsed:
             rep.passed, rep.reason = False, "the quantized model predicts almost only one token"
+        elif repeats:
+            rep.collapsed = True
+            rep.passed, rep.reason = False, "the quantized model's greedy generation repeats one token"
         elif rep.kl > thresholds.max_kl:
             rep.passed, rep.reason = False, f"KL divergence above {thresholds.max_kl}"
         return rep

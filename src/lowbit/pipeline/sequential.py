@@ -22,6 +22,7 @@ from ..algorithms.base import Step
 from ..calibration import CalibrationData, CalibrationError
 from ..models import ModelAdapter
 from ..models.loading import model_kind
+from .generation import greedy_continuation
 from .memory import return_freed_memory_promptly, trim
 from .plan import NonFiniteError, check_finite_weights, check_plan, mark_followers
 from .progress import ProgressReporter
@@ -51,6 +52,8 @@ class PipelineOptions:
         sanity_samples: calibration samples held back to compare the quantized model with the
             original before saving (causal LMs; 0 turns the check off).
         sanity: thresholds of that check.
+        sanity_generate: new tokens of the check's greedy generation (0: none). Each costs one
+            pass over the weights of both models (read again from disk in streaming runs).
         moe_route_all: during calibration, run every token through every expert of MoE blocks
             (their outputs still combine only the routed experts), so that every expert gets
             statistics.
@@ -64,6 +67,7 @@ class PipelineOptions:
     progress: bool = True
     sanity_samples: int = 4
     sanity: SanityThresholds = field(default_factory=SanityThresholds)
+    sanity_generate: int = 8
     moe_route_all: bool = False
 
     def resolved_device(self) -> torch.device:
@@ -144,6 +148,10 @@ def _head_forward(norm: nn.Module | None, head: nn.Module):
     return forward
 
 
+def _logits(norm: nn.Module | None, head: nn.Module):
+    return lambda h: head(norm(h) if norm is not None else h)
+
+
 @dataclass
 class PipelineResult:
     state: QuantState
@@ -181,15 +189,20 @@ def run_pipeline(
         held_back is not None and model_kind(model.config) == "causal-lm" and adapter.lm_head()[1] is not None
     )
     inputs = sanity = None
+    resume = run_dir.load() if run_dir is not None else None
+    generate = check_sanity and options.sanity_generate > 0
     if needs_data or check_sanity:
         store.load_outside(adapter)
         inputs = capture_first_block_inputs(model, adapter, calibration, options) if needs_data else None
         if check_sanity:
             sanity = SanityTracker(capture_first_block_inputs(model, adapter, held_back, options))
+        if generate and resume is None:
+            store.load_head(adapter)
+            sanity.generated_reference, _ = _generate(model, adapter, held_back, options, store, output=False)
+            log.info("original model's greedy continuation: %s", sanity.generated_reference)
         store.release_outside(adapter)
         log.debug("first-block inputs captured")
     start_block = 0
-    resume = run_dir.load() if run_dir is not None else None
     if resume is not None:
         start_block = resume.next_block
         state.results.update(resume.results)
@@ -288,9 +301,36 @@ def run_pipeline(
         step.finish()
     report = None
     if sanity is not None:
-        report = sanity.report(lambda h: head(norm(h) if norm is not None else h), options.sanity)
+        generated, nonfinite = None, False
+        if generate and sanity.generated_reference is not None:
+            store.load_outside(adapter)
+            generated, nonfinite = _generate(model, adapter, held_back, options, store, output=True)
+            log.info("quantized model's greedy continuation: %s", generated)
+        prompt = _prompt(held_back).tolist() if generated is not None else None
+        report = sanity.report(_logits(norm, head), options.sanity, generated, nonfinite, prompt)
     store.finish(adapter)
     return PipelineResult(state, report)
+
+
+def _prompt(held_back: CalibrationData) -> torch.Tensor:
+    return held_back.input_ids[0, : min(16, held_back.seq_len)]
+
+
+def _generate(model, adapter, held_back: CalibrationData, options: PipelineOptions, store, output: bool):
+    """Greedy continuation of the start of the first held-back sample, blocks loaded in turn
+    (the finished ones from the output when ``output``)."""
+    _, norm = adapter.final_norm()
+    _, head = adapter.lm_head()
+    return greedy_continuation(
+        model,
+        adapter,
+        _prompt(held_back),
+        options.sanity_generate,
+        options,
+        _logits(norm, head),
+        load_block=lambda i: (store.load_output_block if output else store.load_block)(adapter, i),
+        release_block=lambda i: store.release_block(adapter, i),
+    )
 
 
 @contextlib.contextmanager

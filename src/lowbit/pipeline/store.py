@@ -15,7 +15,7 @@ from torch import nn
 
 from ..export.shards import ShardWriter
 from ..models import ModelAdapter
-from ..models.lazy import LazyModel
+from ..models.lazy import LazyModel, SafetensorsCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,12 @@ class InMemoryStore:
         pass
 
     def load_block(self, adapter: ModelAdapter, index: int) -> None:
+        pass
+
+    def release_block(self, adapter: ModelAdapter, index: int) -> None:
+        pass
+
+    def load_output_block(self, adapter: ModelAdapter, index: int) -> None:
         pass
 
     def finish_block(self, adapter: ModelAdapter, index: int) -> None:
@@ -78,6 +84,14 @@ class StreamingStore:
 
     def load_block(self, adapter: ModelAdapter, index: int) -> None:
         self.lazy.materialize(adapter.blocks[index], adapter.block_name(index))
+
+    def release_block(self, adapter: ModelAdapter, index: int) -> None:
+        self.lazy.release(adapter.blocks[index])
+
+    def load_output_block(self, adapter: ModelAdapter, index: int) -> None:
+        """A finished block, read back from the shard it was written to."""
+        shard = SafetensorsCheckpoint.single_file(self.writer.directory / f"model-block-{index:05d}.safetensors")
+        self.lazy.materialize(adapter.blocks[index], adapter.block_name(index), source=shard)
 
     def finish_block(self, adapter: ModelAdapter, index: int) -> None:
         block = adapter.blocks[index]
