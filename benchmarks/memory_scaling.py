@@ -38,7 +38,11 @@ def main() -> None:
     p.add_argument("--n-samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--out", default="/tmp/lowbit-memory-out")
+    p.add_argument("--render", action="store_true", help="only write results/memory_scaling.md from the jsonl rows")
     args = p.parse_args()
+    if args.render:
+        render()
+        return
 
     import lowbit
     from lowbit.algorithms import GPTQ, RTN
@@ -87,6 +91,55 @@ def main() -> None:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row, indent=2))
     shutil.rmtree(out, ignore_errors=True)
+
+
+def render() -> None:
+    """results/memory_scaling.md from the rows measured so far (the newest row per configuration)."""
+    from common import markdown_table
+
+    latest = {}
+    for line in (RESULTS / "memory_scaling.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        latest[(row["model"], row["mode"], row["method"])] = row
+    rows = []
+    for row in latest.values():
+        rows.append(
+            {
+                "model": Path(row["model"]).name,
+                "mode": row["mode"],
+                "method": row["method"] + " int4 g128",
+                "calibration": row["calibration"] if row["method"] != "rtn" else "-",
+                "checkpoint GiB": row["checkpoint_gib"],
+                "peak RSS GiB": row["peak_rss_gib"],
+                "peak / checkpoint": row["peak_over_checkpoint"],
+                "s per block": row["seconds_per_block"],
+                "total s": row["seconds"],
+            }
+        )
+    table = markdown_table(
+        rows,
+        list(rows[0]),
+        {
+            "checkpoint GiB": ".2f",
+            "peak RSS GiB": ".2f",
+            "peak / checkpoint": ".2f",
+            "s per block": ".1f",
+            "total s": ".0f",
+        },
+    )
+    machine_ = next(iter(latest.values()))["machine"]
+    text = (
+        "# Peak memory and time on large random Llamas\n\n"
+        "Commands (each row in a fresh process; see the docstring of `memory_scaling.py`):\n\n"
+        "```\n" + "\n".join(sorted({r["command"] for r in latest.values()})) + "\n```\n\n"
+        f"Machine: {machine_['cpu']}, {machine_['cores']} cores, torch {machine_['torch']}, no GPU.\n\n"
+        + table
+        + "\n\nPeak RSS is the process's maximum resident set (ru_maxrss), which includes about 0.37 GiB "
+        "for Python, torch and transformers themselves. Seconds per block is the whole run (calibration "
+        "capture, the sanity check with its greedy generation, writing) divided by the number of blocks.\n"
+    )
+    (RESULTS / "memory_scaling.md").write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -39,3 +39,20 @@ def test_a_truncated_shard_is_a_clear_error(tmp_path):
     path.write_bytes(path.read_bytes()[:-8])
     with pytest.raises(ModelLoadError, match="truncated"):
         ckpt.get_many(ckpt.keys())
+
+
+def test_lowbit_writer_output_is_standard_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    from lowbit.export.shards import write_safetensors
+
+    tensors = _tensors()
+    tensors["strided"] = torch.arange(12.0).reshape(3, 4).T  # not contiguous
+    write_safetensors(tmp_path / "model.safetensors", tensors, metadata={"format": "pt"})
+    for loaded in (
+        load_file(str(tmp_path / "model.safetensors")),
+        SafetensorsCheckpoint(tmp_path).get_many(list(tensors)),
+    ):
+        for name, t in tensors.items():
+            assert loaded[name].dtype == t.dtype and loaded[name].shape == t.shape
+            assert torch.equal(loaded[name].reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name

@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from ..export.shards import write_safetensors
 from .unit import LayerResult
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class RunDirectory:
         self.path.mkdir(parents=True, exist_ok=True)
         tensors = {f"{stream}.{i}": t.contiguous() for stream, ts in activations.items() for i, t in enumerate(ts)}
         tmp = self.path / (ACTIVATIONS_FILE + ".tmp")
-        save_file(tensors, str(tmp))
+        write_safetensors(tmp, tensors)
         os.replace(tmp, self.path / ACTIVATIONS_FILE)
         state = {
             "version": VERSION,
