@@ -13,6 +13,7 @@ time, written out as they finish); ``in-memory`` loads the whole model and quant
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import shutil
@@ -39,9 +40,19 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--out", default="/tmp/lowbit-memory-out")
     p.add_argument("--render", action="store_true", help="only write results/memory_scaling.md from the jsonl rows")
+    p.add_argument(
+        "--stop-after-blocks",
+        type=int,
+        default=None,
+        help="streaming only: run `lowbit quantize` in a child process, watch its peak RSS and block times, "
+        "and kill it once this many blocks are done (for runs too long to finish here; the same command resumes)",
+    )
     args = p.parse_args()
     if args.render:
         render()
+        return
+    if args.stop_after_blocks:
+        partial_run(args)
         return
 
     import lowbit
@@ -93,6 +104,67 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
 
 
+def partial_run(args) -> None:
+    """The first blocks of a long streaming run through the CLI, killed (SIGKILL) after N blocks."""
+    import os
+    import signal
+    import subprocess
+
+    model_dir = Path(args.model)
+    out = Path(args.out)
+    work = out.parent / f".{out.name}.partial"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+    cmd = [sys.executable, "-m", "lowbit", "quantize", str(model_dir), "--out", str(out), "--method", args.method]
+    cmd += ["--bits", "4", "--group-size", "128", "--asymmetric", "--n-samples", str(args.n_samples)]
+    cmd += ["--seq-len", str(args.seq_len), "--batch-size", "4", "--sanity-samples", "2", "--force"]
+    start = time.perf_counter()
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done_at: list[float] = []
+    peak_kib = 0
+    while child.poll() is None:
+        with open(f"/proc/{child.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    peak_kib = max(peak_kib, int(line.split()[1]))
+        try:
+            next_block = json.loads((work / "lowbit_run.json").read_text())["next_block"]
+        except (OSError, ValueError, KeyError):
+            next_block = 0
+        while len(done_at) < next_block:
+            done_at.append(time.perf_counter() - start)
+            print(f"block {len(done_at)} done at {done_at[-1]:.0f} s, peak RSS {peak_kib / 2**20:.2f} GiB", flush=True)
+        if next_block >= args.stop_after_blocks:
+            os.kill(child.pid, signal.SIGKILL)
+            break
+        time.sleep(1)
+    child.wait()
+    size = checkpoint_bytes(model_dir)
+    per_block = [b - a for a, b in itertools.pairwise(done_at)]
+    row = {
+        "model": str(model_dir),
+        "mode": "streaming",
+        "method": args.method,
+        "calibration": f"{args.n_samples} x {args.seq_len}",
+        "checkpoint_gib": size / 2**30,
+        "peak_rss_gib": peak_kib / 2**20,
+        "peak_over_checkpoint": peak_kib * 1024 / size,
+        "partial": True,
+        "blocks_done": len(done_at),
+        "first_block_seconds": done_at[0] if done_at else None,
+        "seconds_per_block": sorted(per_block)[len(per_block) // 2] if per_block else None,
+        "seconds": time.perf_counter() - start,
+        "blocks": json.loads((model_dir / "config.json").read_text())["num_hidden_layers"],
+        "command": command(),
+        "child_command": " ".join(cmd[1:]),
+        "machine": machine(),
+    }
+    with open(RESULTS / "memory_scaling.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row, indent=2))
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def render() -> None:
     """results/memory_scaling.md from the rows measured so far (the newest row per configuration)."""
     from common import markdown_table
@@ -100,13 +172,13 @@ def render() -> None:
     latest = {}
     for line in (RESULTS / "memory_scaling.jsonl").read_text().splitlines():
         row = json.loads(line)
-        latest[(row["model"], row["mode"], row["method"])] = row
+        latest[(row["model"], row["mode"], row["method"], row.get("partial", False))] = row
     rows = []
     for row in latest.values():
         rows.append(
             {
                 "model": Path(row["model"]).name,
-                "mode": row["mode"],
+                "mode": row["mode"] + (f" (first {row['blocks_done']} blocks)" if row.get("partial") else ""),
                 "method": row["method"] + " int4 g128",
                 "calibration": row["calibration"] if row["method"] != "rtn" else "-",
                 "checkpoint GiB": row["checkpoint_gib"],
