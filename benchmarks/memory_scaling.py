@@ -33,8 +33,8 @@ def checkpoint_bytes(path: Path) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--model", required=True)
-    p.add_argument("--mode", choices=["streaming", "in-memory"], required=True)
+    p.add_argument("--model")
+    p.add_argument("--mode", choices=["streaming", "in-memory"])
     p.add_argument("--method", choices=["rtn", "gptq"], default="gptq")
     p.add_argument("--n-samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
@@ -51,6 +51,8 @@ def main() -> None:
     if args.render:
         render()
         return
+    if not args.model or not args.mode:
+        p.error("--model and --mode are required (unless --render)")
     if args.stop_after_blocks:
         partial_run(args)
         return
@@ -209,6 +211,14 @@ def render() -> None:
         + "\n\nPeak RSS is the process's maximum resident set (ru_maxrss), which includes about 0.37 GiB "
         "for Python, torch and transformers themselves. Seconds per block is the whole run (calibration "
         "capture, the sanity check with its greedy generation, writing) divided by the number of blocks.\n"
+        + "".join(
+            f"\nThe row marked *first {r['blocks_done']} blocks* ran `{r['child_command']}` and was killed "
+            f"(SIGKILL) after {r['blocks_done']} of {r['blocks']} blocks: peak RSS of that process so far; seconds "
+            f"per block is the median of blocks 2-{r['blocks_done']} (block 1, with calibration capture and the "
+            f"original model's greedy generation, took {r['first_block_seconds']:.0f} s).\n"
+            for r in latest.values()
+            if r.get("partial")
+        )
     )
     (RESULTS / "memory_scaling.md").write_text(text)
     print(text)
