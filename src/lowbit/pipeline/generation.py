@@ -29,6 +29,7 @@ def greedy_continuation(
     head: Callable[[torch.Tensor], torch.Tensor],
     load_block: Callable[[int], None] = lambda i: None,
     release_block: Callable[[int], None] = lambda i: None,
+    head_device: torch.device | str = "cpu",
 ) -> tuple[list[int], bool]:
     """Greedy continuation of ``prompt`` (``[tokens]``); returns the new token ids and whether any
     logits were NaN/Inf. Modules before the first block and ``head`` must be usable."""
@@ -49,7 +50,7 @@ def greedy_continuation(
             h = first_tensor(block(h, *to_device(args, device), **to_device(kwargs, device)))
             block.to(home)
             release_block(index)
-        logits = head(h[:, -1:]).float()
+        logits = head(h[:, -1:].to(head_device)).float()
         if not torch.isfinite(logits).all():
             nonfinite = True
             break

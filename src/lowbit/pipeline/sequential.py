@@ -330,6 +330,7 @@ def _generate(model, adapter, held_back: CalibrationData, options: PipelineOptio
         _logits(norm, head),
         load_block=lambda i: (store.load_output_block if output else store.load_block)(adapter, i),
         release_block=lambda i: store.release_block(adapter, i),
+        head_device=next(head.parameters()).device,
     )
 
 
