@@ -109,7 +109,15 @@ def quantize_directory(
     tokens = calibration.tokens() if calibration is not None else 0
     held_tokens = held_back.tokens() if held_back is not None else 0
     plan = estimate(
-        adapter, recipe.steps, targeted, save_dtype, tokens, streaming=True, out_dir=out, held_back_tokens=held_tokens
+        adapter,
+        recipe.steps,
+        targeted,
+        save_dtype,
+        tokens,
+        streaming=True,
+        out_dir=out,
+        held_back_tokens=held_tokens,
+        generate_tokens=options.sanity_generate if held_back is not None else 0,
     )
     if dry_run:
         return DirectoryRun(None, None, plan=plan)

@@ -188,7 +188,10 @@ def estimate(
     streaming: bool,
     out_dir: Path | None = None,
     held_back_tokens: int = 0,
+    generate_tokens: int = 0,
 ) -> Plan:
+    """``generate_tokens``: the sanity check's greedy generation, one pass over the weights of the
+    original and one of the quantized model per token."""
     elem = torch.empty((), dtype=storage_dtype).element_size()
     layers = []
     for name, mod in targeted.items():
@@ -231,6 +234,11 @@ def estimate(
         flops += sum(2 * layer.shape[0] * layer.shape[1] ** 2 + layer.shape[1] ** 3 for layer in layers)
     seconds = flops / (gflops * 1e9) + quantized_numel / 50e6  # plus rounding/bookkeeping per weight
     notes = [f"{gflops:.0f} GFLOP/s measured on this machine"]
+    if generate_tokens:
+        # streamed runs read every block again per token (about 1 GB/s from disk or page cache)
+        per_pass = checkpoint / 1e9 if streaming else 0.0
+        seconds += 2 * generate_tokens * (per_pass + 2 * params_total * 32 / (gflops * 1e9))
+        notes.append(f"sanity check generates {generate_tokens} tokens (2 x {generate_tokens} passes over the weights)")
     if out_dir is not None:
         existing = Path(out_dir).resolve()
         while not existing.exists():  # the output's parents may not exist yet
