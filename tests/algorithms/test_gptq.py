@@ -105,7 +105,7 @@ def test_per_tensor_and_per_channel_granularity():
 
 
 def test_in_place_factorisation_matches_torch_and_survives_retries():
-    from lowbit.algorithms.gptq import _inverse_cholesky
+    from lowbit.algorithms.hessian import inverse_cholesky_factor
 
     torch.manual_seed(3)
     X = torch.randn(200, 64, dtype=torch.float64)
@@ -114,7 +114,7 @@ def test_in_place_factorisation_matches_torch_and_survives_retries():
     for H in (X.T @ X / 200, (vecs * eigvals) @ vecs.T):
         H = (H + H.T) / 2
         storage = H.clone()
-        U, damp = _inverse_cholesky(storage, 0.01, 4)
+        U, damp = inverse_cholesky_factor(storage, 0.01, 4)
         assert U.data_ptr() == storage.data_ptr()  # no second matrix
         Hd = H + damp * H.diagonal().mean() * torch.eye(64, dtype=H.dtype)
         expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
@@ -125,7 +125,7 @@ def test_in_place_factorisation_matches_torch_and_survives_retries():
 @settings(max_examples=30, deadline=None)
 @given(st.integers(1, 40), st.integers(0, 2**31 - 1))
 def test_in_place_permutations(n, seed):
-    from lowbit.algorithms.gptq import _permute_rows_, _permute_symmetric_
+    from lowbit.algorithms.hessian import permute_rows_, permute_symmetric_
 
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g)
@@ -133,6 +133,6 @@ def test_in_place_permutations(n, seed):
     H = A @ A.T
     W = torch.randn(n, 3, generator=g)
     expected_h, expected_w = H[perm][:, perm], W[perm]
-    _permute_symmetric_(H, perm, chunk=7)
-    _permute_rows_(W, perm)
+    permute_symmetric_(H, perm, chunk=7)
+    permute_rows_(W, perm)
     assert torch.equal(H, expected_h) and torch.equal(W, expected_w)

@@ -21,7 +21,15 @@ from torch import nn
 from ..formats import QParams, QuantizedTensor, Quantizer
 from ..models import weight_of
 from .base import Step, WeightQuantConfig, register_step
-from .hessian import HessianAccumulator, mean_diagonal, output_error
+from .hessian import (
+    HessianAccumulator,
+    HessianNotPositiveDefinite,
+    inverse_cholesky_factor,
+    mean_diagonal,
+    output_error,
+    permute_rows_,
+    permute_symmetric_,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,104 +74,6 @@ class GPTQResult:
     loss: float
 
 
-class HessianNotPositiveDefinite(RuntimeError):
-    pass
-
-
-def _inverse_cholesky(H: torch.Tensor, dampening: float, retries: int) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of ``(H + damp I)^-1``, raising the damping until it exists.
-
-    Consumes ``H``. On the CPU the three factorisations run in place in ``H``'s own memory
-    (LAPACK through scipy; torch's linalg always allocates a second matrix), so the Hessian of the
-    largest layer of a big model is never held twice.
-    """
-    mean_diag = float(torch.mean(torch.diag(H)))
-    if H.device.type == "cpu" and H.dtype in (torch.float32, torch.float64) and H.is_contiguous():
-        return _inverse_cholesky_inplace(H, mean_diag, dampening, retries)
-    damp, added = dampening, 0.0
-    for attempt in range(retries + 1):
-        H.diagonal().add_(damp * mean_diag - added)
-        added = damp * mean_diag
-        L, info = torch.linalg.cholesky_ex(H)
-        if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            del Hinv
-            if info == 0 and torch.isfinite(U).all():
-                return U, damp
-        if attempt < retries:
-            log.info("Hessian not positive definite with dampening %.3g; retrying with %.3g", damp, damp * 10)
-            damp *= 10
-    raise HessianNotPositiveDefinite(f"Hessian not positive definite even with dampening {damp:.3g}")
-
-
-def _inverse_cholesky_inplace(
-    H: torch.Tensor, mean_diag: float, dampening: float, retries: int
-) -> tuple[torch.Tensor, float]:
-    from scipy.linalg import lapack
-
-    # H is symmetric, so the Fortran-ordered view of its memory is H itself. LAPACK's "upper"
-    # triangle of that view is torch's lower triangle; torch's upper triangle is never touched,
-    # which keeps a copy of the Hessian for the retries.
-    A = H.numpy().T
-    potrf, potri = lapack.get_lapack_funcs(("potrf", "potri"), (A,))
-    diag = H.diagonal().clone()
-    damp = dampening
-    for attempt in range(retries + 1):
-        H.diagonal().copy_(diag + damp * mean_diag)
-        _, info = potrf(A, lower=0, overwrite_a=1, clean=0)
-        if info == 0:
-            _, info = potri(A, lower=0, overwrite_c=1)  # upper triangle of the inverse
-        if info == 0:
-            _, info = potrf(A, lower=0, overwrite_a=1, clean=0)
-        # (row bands: a finiteness check of the whole matrix would allocate one of its size)
-        if info == 0 and all(bool(torch.isfinite(rows).all()) for rows in H.split(256)):
-            H.tril_()  # torch's upper triangle still holds the Hessian; the factor is the lower one
-            return H.T, damp
-        _mirror_upper_to_lower(H)
-        if attempt < retries:
-            log.info("Hessian not positive definite with dampening %.3g; retrying with %.3g", damp, damp * 10)
-            damp *= 10
-    raise HessianNotPositiveDefinite(f"Hessian not positive definite even with dampening {damp:.3g}")
-
-
-def _mirror_upper_to_lower(H: torch.Tensor, chunk: int = 512) -> None:
-    """Rebuild the lower triangle of a symmetric matrix from its upper one, a band at a time."""
-    n = H.shape[0]
-    for a in range(0, n, chunk):
-        b = min(a + chunk, n)
-        H[a:b, :a] = H[:a, a:b].T
-        block = H[a:b, a:b]
-        block.copy_(block.triu() + block.triu(1).T)
-
-
-def _permute_rows_(T: torch.Tensor, perm: torch.Tensor) -> None:
-    """``T[:] = T[perm]`` in place, following the cycles of the permutation (one row of scratch)."""
-    order = perm.tolist()
-    done = [False] * len(order)
-    for start in range(len(order)):
-        if done[start]:
-            continue
-        done[start] = True
-        if order[start] == start:
-            continue
-        saved = T[start].clone()
-        i = start
-        while order[i] != start:
-            T[i] = T[order[i]]
-            i = order[i]
-            done[i] = True
-        T[i] = saved
-
-
-def _permute_symmetric_(H: torch.Tensor, perm: torch.Tensor, chunk: int = 256) -> None:
-    """``H[:] = H[perm][:, perm]`` without a second matrix of H's size."""
-    _permute_rows_(H, perm)
-    for a in range(0, H.shape[0], chunk):  # then columns, a band of rows at a time
-        H[a : a + chunk] = H[a : a + chunk, perm]
-
-
 def gptq_quantize(
     weight: torch.Tensor,
     H: torch.Tensor,
@@ -200,9 +110,9 @@ def gptq_quantize(
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
-        _permute_rows_(Wt, perm)
-        _permute_symmetric_(H, perm)
-    U, damp_used = _inverse_cholesky(H, dampening, damping_retries)
+        permute_rows_(Wt, perm)
+        permute_symmetric_(H, perm)
+    U, damp_used = inverse_cholesky_factor(H, dampening, damping_retries)
     del H
     log.debug("inverse Hessian factor ready (%d columns)", cols)
 

@@ -1,12 +1,18 @@
 """Second-order statistics of layer inputs, shared by GPTQ-style methods.
 
 ``H = 2/n * sum_i x_i x_i^T`` over the ``n`` calibration tokens a layer sees, accumulated as a
-running mean so that the scale does not depend on how tokens were batched.
+running mean so that the scale does not depend on how tokens were batched. Also the in-place
+linear algebra GPTQ-style methods run on it (the upper Cholesky factor of the damped inverse,
+symmetric permutations), written so that the largest Hessian of a big model is never copied.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class HessianAccumulator:
@@ -45,3 +51,101 @@ def mean_diagonal(H: torch.Tensor) -> float:
     """Mean of ``diag(H)`` after GPTQ's fix of dead inputs (a zero diagonal entry counts as 1)."""
     d = torch.diag(H)
     return float(torch.where(d == 0, torch.ones_like(d), d).mean())
+
+
+class HessianNotPositiveDefinite(RuntimeError):
+    pass
+
+
+def inverse_cholesky_factor(H: torch.Tensor, dampening: float, retries: int) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of ``(H + damp I)^-1``, raising the damping until it exists.
+
+    Consumes ``H``. On the CPU the three factorisations run in place in ``H``'s own memory
+    (LAPACK through scipy; torch's linalg always allocates a second matrix), so the Hessian of the
+    largest layer of a big model is never held twice.
+    """
+    mean_diag = float(torch.mean(torch.diag(H)))
+    if H.device.type == "cpu" and H.dtype in (torch.float32, torch.float64) and H.is_contiguous():
+        return _inverse_cholesky_in_place(H, mean_diag, dampening, retries)
+    damp, added = dampening, 0.0
+    for attempt in range(retries + 1):
+        H.diagonal().add_(damp * mean_diag - added)
+        added = damp * mean_diag
+        L, info = torch.linalg.cholesky_ex(H)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
+            if info == 0 and torch.isfinite(U).all():
+                return U, damp
+        if attempt < retries:
+            log.info("Hessian not positive definite with dampening %.3g; retrying with %.3g", damp, damp * 10)
+            damp *= 10
+    raise HessianNotPositiveDefinite(f"Hessian not positive definite even with dampening {damp:.3g}")
+
+
+def _inverse_cholesky_in_place(
+    H: torch.Tensor, mean_diag: float, dampening: float, retries: int
+) -> tuple[torch.Tensor, float]:
+    from scipy.linalg import lapack
+
+    # H is symmetric, so the Fortran-ordered view of its memory is H itself. LAPACK's "upper"
+    # triangle of that view is torch's lower triangle; torch's upper triangle is never touched,
+    # which keeps a copy of the Hessian for the retries.
+    A = H.numpy().T
+    potrf, potri = lapack.get_lapack_funcs(("potrf", "potri"), (A,))
+    diag = H.diagonal().clone()
+    damp = dampening
+    for attempt in range(retries + 1):
+        H.diagonal().copy_(diag + damp * mean_diag)
+        _, info = potrf(A, lower=0, overwrite_a=1, clean=0)
+        if info == 0:
+            _, info = potri(A, lower=0, overwrite_c=1)  # upper triangle of the inverse
+        if info == 0:
+            _, info = potrf(A, lower=0, overwrite_a=1, clean=0)
+        # (row bands: a finiteness check of the whole matrix would allocate one of its size)
+        if info == 0 and all(bool(torch.isfinite(rows).all()) for rows in H.split(256)):
+            H.tril_()  # torch's upper triangle still holds the Hessian; the factor is the lower one
+            return H.T, damp
+        _mirror_upper_to_lower(H)
+        if attempt < retries:
+            log.info("Hessian not positive definite with dampening %.3g; retrying with %.3g", damp, damp * 10)
+            damp *= 10
+    raise HessianNotPositiveDefinite(f"Hessian not positive definite even with dampening {damp:.3g}")
+
+
+def _mirror_upper_to_lower(H: torch.Tensor, chunk: int = 512) -> None:
+    """Rebuild the lower triangle of a symmetric matrix from its upper one, a band at a time."""
+    n = H.shape[0]
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        H[a:b, :a] = H[:a, a:b].T
+        block = H[a:b, a:b]
+        block.copy_(block.triu() + block.triu(1).T)
+
+
+def permute_rows_(T: torch.Tensor, perm: torch.Tensor) -> None:
+    """``T[:] = T[perm]`` in place, following the cycles of the permutation (one row of scratch)."""
+    order = perm.tolist()
+    done = [False] * len(order)
+    for start in range(len(order)):
+        if done[start]:
+            continue
+        done[start] = True
+        if order[start] == start:
+            continue
+        saved = T[start].clone()
+        i = start
+        while order[i] != start:
+            T[i] = T[order[i]]
+            i = order[i]
+            done[i] = True
+        T[i] = saved
+
+
+def permute_symmetric_(H: torch.Tensor, perm: torch.Tensor, chunk: int = 256) -> None:
+    """``H[:] = H[perm][:, perm]`` without a second matrix of H's size."""
+    permute_rows_(H, perm)
+    for a in range(0, H.shape[0], chunk):  # then columns, a band of rows at a time
+        H[a : a + chunk] = H[a : a + chunk, perm]

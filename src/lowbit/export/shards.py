@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..models.lazy import SAFETENSORS_DTYPES
+
 INDEX = "model.safetensors.index.json"
 
 
@@ -54,20 +56,7 @@ class ShardWriter:
         return path
 
 
-_DTYPE_NAMES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def write_safetensors(
@@ -99,6 +88,4 @@ def write_safetensors(
 
 
 def _dtype_size(name: str) -> int:
-    return {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}.get(
-        name, 4
-    )
+    return torch.empty((), dtype=SAFETENSORS_DTYPES[name]).element_size()

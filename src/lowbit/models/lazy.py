@@ -128,7 +128,7 @@ class SafetensorsCheckpoint:
         return out
 
 
-_DTYPES = {
+SAFETENSORS_DTYPES = {  # safetensors dtype names
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -147,7 +147,7 @@ _DTYPES = {
 def _read_tensor(f, path: Path, key: str, entry: dict | None, data_start: int) -> torch.Tensor:
     """One tensor of an open safetensors file, read into a fresh buffer."""
     try:
-        dtype = _DTYPES[entry["dtype"]]
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
         shape = [int(d) for d in entry["shape"]]
         begin, end = (int(o) for o in entry["data_offsets"])
     except (KeyError, TypeError, ValueError):

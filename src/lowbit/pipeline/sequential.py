@@ -142,10 +142,8 @@ def _block_forward(block: nn.Module):
 
 
 def _head_forward(norm: nn.Module | None, head: nn.Module):
-    def forward(h: torch.Tensor, a: tuple, kw: dict) -> torch.Tensor:
-        return head(norm(h) if norm is not None else h)
-
-    return forward
+    logits = _logits(norm, head)
+    return lambda h, a, kw: logits(h)
 
 
 def _logits(norm: nn.Module | None, head: nn.Module):
