@@ -73,3 +73,49 @@ def test_a_model_that_repeats_one_token_fails_the_generation_check():
     assert tracker.report(head, SanityThresholds(), generated=[3, 1, 4, 1, 5, 9, 2, 7]).passed
     tracker.generated_reference = [7] * 8  # the original repeats itself too: not the quantization's fault
     assert tracker.report(head, SanityThresholds(), generated=[7] * 8).passed
+
+
+def test_streaming_never_holds_embeddings_and_head_at_once(tmp_path, monkeypatch):
+    """For a large vocabulary each is several blocks' worth: the generation swaps them."""
+    from lowbit.models import ModelAdapter
+    from lowbit.pipeline.store import StreamingStore
+
+    loads = []
+
+    def materialized(adapter: ModelAdapter) -> tuple[bool, bool]:
+        embed = adapter.model.get_input_embeddings().weight
+        head = adapter.lm_head()[1].weight
+        return embed.device.type != "meta", head.device.type != "meta"
+
+    def spy(original, kind):
+        def wrapper(self, adapter, *args):
+            original(self, adapter, *args)
+            loads.append(kind)
+            assert materialized(adapter) != (True, True), f"embeddings and head both in memory after {kind}"
+
+        return wrapper
+
+    monkeypatch.setattr(StreamingStore, "load_outside", spy(StreamingStore.load_outside, "embeddings"))
+    monkeypatch.setattr(StreamingStore, "load_head", spy(StreamingStore.load_head, "head"))
+    run = quantize_checkpoint("reference-lm", [RTN(format="int8")], tmp_path / "q", seq_len=64, options=OPTS)
+    assert run.sanity.passed and len(run.sanity.generated_ids) == 8
+    assert loads.count("embeddings") >= 16 and loads.count("head") >= 16  # once per new token, both generations
+
+
+def test_generation_with_a_quantized_head_uses_it(tmp_path):
+    """A quantized head lives only in memory until the end: the generation keeps it, and it is saved."""
+    import torch
+
+    from lowbit import load_model
+
+    run = quantize_checkpoint(
+        "reference-lm", [RTN(format="int4", ignore=[])], tmp_path / "q", seq_len=64, options=OPTS, force=True
+    )
+    assert "lm_head" in [r.name for r in run.report.layers]
+    rep = run.sanity
+    model = load_model(run.out_dir, dtype=torch.float32).model
+    original = load_model("reference-lm", dtype=torch.float32).model
+    assert not torch.equal(model.lm_head.weight, original.lm_head.weight)  # the quantized head was saved
+    prompt = torch.tensor([rep.prompt_ids])
+    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
+    assert out[0, 16:].tolist() == rep.generated_ids

@@ -22,7 +22,7 @@ from ..algorithms.base import Step
 from ..calibration import CalibrationData, CalibrationError
 from ..models import ModelAdapter
 from ..models.loading import model_kind
-from .generation import greedy_continuation
+from .generation import OutsideLoader, greedy_continuation
 from .memory import return_freed_memory_promptly, trim
 from .plan import NonFiniteError, check_finite_weights, check_plan, mark_followers
 from .progress import ProgressReporter
@@ -194,12 +194,11 @@ def run_pipeline(
         inputs = capture_first_block_inputs(model, adapter, calibration, options) if needs_data else None
         if check_sanity:
             sanity = SanityTracker(capture_first_block_inputs(model, adapter, held_back, options))
-        if generate and resume is None:
-            store.load_head(adapter)
-            sanity.generated_reference, _ = _generate(model, adapter, held_back, options, store, output=False)
-            log.info("original model's greedy continuation: %s", sanity.generated_reference)
         store.release_outside(adapter)
         log.debug("first-block inputs captured")
+        if generate and resume is None:
+            sanity.generated_reference, _ = _generate(model, adapter, held_back, options, store, output=False)
+            log.info("original model's greedy continuation: %s", sanity.generated_reference)
     start_block = 0
     if resume is not None:
         start_block = resume.next_block
@@ -265,6 +264,7 @@ def run_pipeline(
             if sanity is not None:
                 sanity.after(unit)
             block.to(home)
+            del unit  # it holds this block's inputs: let them go before the next block loads
             store.finish_block(adapter, index)
             trim()
             if run_dir is not None:
@@ -294,6 +294,8 @@ def run_pipeline(
             for step in steps:
                 progress.update(f"head: {step.name}")
                 step.apply(unit)
+            del unit
+        inputs = None  # the calibration activations are done with; the final stage needs the memory
     state.on_commit = None
     for step in steps:
         step.finish()
@@ -301,11 +303,18 @@ def run_pipeline(
     if sanity is not None:
         generated, nonfinite = None, False
         if generate and sanity.generated_reference is not None:
-            store.load_outside(adapter)
-            generated, nonfinite = _generate(model, adapter, held_back, options, store, output=True)
+            # A quantized head exists only in memory: it stays, and the embeddings join it.
+            keep_head = bool(head_linears)
+            store.load_outside(adapter) if keep_head else store.release_outside(adapter)
+            generated, nonfinite = _generate(
+                model, adapter, held_back, options, store, output=True, swap_outside=not keep_head
+            )
             log.info("quantized model's greedy continuation: %s", generated)
+            store.load_head(adapter)
         prompt = _prompt(held_back).tolist() if generated is not None else None
         report = sanity.report(_logits(norm, head), options.sanity, generated, nonfinite, prompt)
+    if not head_linears:
+        store.release_outside(adapter)  # the writer reads them from disk in turn
     store.finish(adapter)
     return PipelineResult(state, report)
 
@@ -314,11 +323,24 @@ def _prompt(held_back: CalibrationData) -> torch.Tensor:
     return held_back.input_ids[0, : min(16, held_back.seq_len)]
 
 
-def _generate(model, adapter, held_back: CalibrationData, options: PipelineOptions, store, output: bool):
+def _generate(
+    model, adapter, held_back: CalibrationData, options: PipelineOptions, store, output: bool, swap_outside=True
+):
     """Greedy continuation of the start of the first held-back sample, blocks loaded in turn
-    (the finished ones from the output when ``output``)."""
+    (the finished ones from the output when ``output``); with ``swap_outside``, the embeddings
+    and the head too (a no-op for a model in memory)."""
     _, norm = adapter.final_norm()
     _, head = adapter.lm_head()
+    head_device = next(head.parameters()).device
+    outside = None
+    if swap_outside:
+        outside = OutsideLoader(
+            load_embeddings=lambda: store.load_outside(adapter),
+            load_head=lambda: store.load_head(adapter),
+            release=lambda: store.release_outside(adapter),
+        )
+        if head_device.type == "meta":  # released now; the store loads weights onto the CPU
+            head_device = torch.device("cpu")
     return greedy_continuation(
         model,
         adapter,
@@ -328,7 +350,8 @@ def _generate(model, adapter, held_back: CalibrationData, options: PipelineOptio
         _logits(norm, head),
         load_block=lambda i: (store.load_output_block if output else store.load_block)(adapter, i),
         release_block=lambda i: store.release_block(adapter, i),
-        head_device=next(head.parameters()).device,
+        head_device=head_device,
+        outside=outside,
     )
 
 

@@ -100,9 +100,11 @@ class StreamingStore:
         self.writer.write(f"block-{index:05d}", tensors)
         self.lazy.release(block)
 
-    def finish(self, adapter: ModelAdapter, shard_bytes: int = 256 * 2**20) -> None:
+    def finish(self, adapter: ModelAdapter, shard_bytes: int = 64 * 2**20) -> None:
         """Write everything outside the blocks (embeddings, final norm, head), a few tensors at a
-        time: those in memory (e.g. a quantized head) as they are, the rest straight from the source."""
+        time: those in memory (e.g. a quantized head) as they are, the rest straight from the source.
+        A shard holds tensors up to ``shard_bytes`` together, or one larger tensor alone: a large
+        vocabulary's embeddings and head are each several blocks' worth, never read at once."""
         inside = adapter.blocks_path + "."
         tied = getattr(self.lazy.model.config, "tie_word_embeddings", False)
         pending: dict[str, torch.Tensor] = {}
@@ -112,12 +114,13 @@ class StreamingStore:
                 continue  # tied weights are stored once, under the embedding's name
             seen.add(name)
             key = self.lazy.checkpoint_name(name)
-            tensor = value.detach() if value.device.type != "meta" else self.lazy.checkpoint.get(key)
-            pending[key] = self._cast(tensor)
-            size += tensor.numel() * tensor.element_size()
-            if size >= shard_bytes:
+            nbytes = value.numel() * value.element_size()
+            if pending and size + nbytes > shard_bytes:
                 self.writer.write(f"rest-{part:02d}", pending)
                 pending, size, part = {}, 0, part + 1
+            tensor = value.detach() if value.device.type != "meta" else self.lazy.checkpoint.get(key)
+            pending[key] = self._cast(tensor)
+            size += nbytes
         if pending:
             self.writer.write(f"rest-{part:02d}", pending)
 

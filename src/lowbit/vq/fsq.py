@@ -114,26 +114,6 @@ class FSQ(Quantizer):
         """
         return (torch.tanh(z) + 1) * self.half_levels - 0.5
 
-    def level_log_probs(self, bounded: Tensor) -> Tensor:
-        """(max L, dim, N) log q_i(k | z_n): softmax over channel i's levels of -(b_i - k)^2 / temperature.
-
-        Levels first: the reductions over a handful of levels then run across contiguous rows, several times faster
-        on CPU than over a short last axis. Levels beyond L_i (channels with different L) get probability exactly 0.
-        """
-        logits = (bounded.t() - self.level_grid).square() / -self.config.temperature
-        if self.padded_levels:
-            # A finite fill, not -inf: exp gives an exact 0 and 0 * log 0 terms stay 0 (no NaN forward or backward).
-            logits = logits.masked_fill(self.level_pad, -1e30)
-        return logits.log_softmax(dim=0)
-
-    def _outer(self, p: Tensor, channels: list[int]) -> Tensor:
-        """(prod L_i, N): per-token outer product of the channels' level distributions, first channel most
-        significant."""
-        joint = p.new_ones(1, p.shape[-1])
-        for i in channels:  # a loop over channels, not tokens
-            joint = (joint[:, None, :] * p[: self.config.levels[i], i][None]).reshape(-1, p.shape[-1])
-        return joint
-
     def entropy_terms(self, bounded: Tensor) -> tuple[Tensor, Tensor]:
         """(mean per-token entropy, entropy of the batch-averaged code distribution), both in nats.
 
@@ -141,23 +121,13 @@ class FSQ(Quantizer):
         ``exact_entropy_max_codes`` codes (the averaged joint over all prod(L_i) codes) and the per-channel upper
         bound above that (see the module docstring).
         """
-        log_p = self.level_log_probs(bounded)
-        p = log_p.exp()
-        n = bounded.shape[0]
-        per_token = -(p * log_p).sum() / n  # entropy of a product = sum of the channels' entropies
+        pad = self.level_pad if self.padded_levels else None
         if self.codebook_size <= self.config.exact_entropy_max_codes:
-            # mean_n q(code | z_n), in index order (channel 0 is the least significant digit). The channels are
-            # split in two halves, each half's per-token joint is built as an outer product, and the average over
-            # tokens is one matmul between the halves: (N, sqrt(K))-sized intermediates, never (N, K).
-            half = self.dim // 2
-            high = self._outer(p, list(range(self.dim - 1, half - 1, -1)))
-            low = self._outer(p, list(range(half - 1, -1, -1)))
-            avg = (high @ low.t()).reshape(-1) / n
-            codebook = -(avg * (avg + 1e-12).log()).sum()
-        else:
-            marginal = p.mean(-1)  # (max L, dim), padding rows are 0
-            codebook = -(marginal * (marginal + 1e-12).log()).sum()
-        return per_token, codebook
+            return _ExactEntropy.apply(bounded, self.level_grid, pad, self.config.temperature, self.config.levels)
+        _, p, log_p = _level_probs(bounded, self.level_grid, pad, self.config.temperature)
+        per_token = -(p * log_p).sum() / bounded.shape[0]  # entropy of a product = sum of the channels' entropies
+        marginal = p.mean(-1)  # (max L, dim), padding rows are 0
+        return per_token, -(marginal * (marginal + 1e-12).log()).sum()
 
     def _quantize(self, x: Tensor) -> QuantizerResult:  # type: ignore[override]
         cfg = self.config
@@ -184,3 +154,109 @@ class FSQ(Quantizer):
         """Inverse of ``indices_to_codes`` for codes with channels last."""
         digits = ((codes + 1) * self.half_width).round().long()
         return (digits * self.basis).sum(dim=-1)
+
+
+_EPS = 1e-12  # inside the codebook term's log: codes no token reaches have an averaged probability of exactly 0
+
+
+# Logits below this are clamped: on CPU, exp of anything under about -87 (a subnormal or zero result) leaves the
+# vectorised fast path and costs ~10x, and at temperature 0.1 most levels of most tokens are far below. A level this
+# far off gets probability < 2e-35 instead of something smaller, which changes no sum in fp32.
+_MIN_LOGIT = -80.0
+
+
+def _level_probs(
+    bounded: Tensor, grid: Tensor, pad: Tensor | None, temperature: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(b - k, q(k | z), log q(k | z)), each (max L, dim, N): per channel i a softmax over its levels k of
+    -(b_i - k)^2 / temperature.
+
+    Levels first: the reductions over a handful of levels then run across contiguous rows, several times faster on CPU
+    than over a short last axis. Levels beyond L_i (channels with different L) get probability exactly 0.
+    """
+    diff = bounded.t() - grid
+    logits = diff.square().mul_(-1.0 / temperature).clamp_(min=_MIN_LOGIT)
+    if pad is not None:
+        # Padding joins the normaliser with weight e^-80 (nothing, in fp32) and is then zeroed exactly.
+        logits = logits.masked_fill(pad, _MIN_LOGIT)
+    log_p = logits.log_softmax(dim=0)
+    p = log_p.exp()
+    if pad is not None:
+        p = p.masked_fill(pad, 0.0)
+    return diff, p, log_p
+
+
+def _halves(dim: int) -> tuple[list[int], list[int]]:
+    """Channels of the high and low half of the code index, most significant first."""
+    half = dim // 2
+    return list(range(dim - 1, half - 1, -1)), list(range(half - 1, -1, -1))
+
+
+def _outer(p: Tensor, levels: tuple[int, ...], channels: list[int]) -> Tensor:
+    """(prod L_i, N): per-token outer product of the channels' level distributions, first channel most significant."""
+    if not channels:
+        return p.new_ones(1, p.shape[-1])
+    joint = p[: levels[channels[0]], channels[0]]
+    for i in channels[1:]:  # a loop over channels, not tokens
+        joint = (joint[:, None, :] * p[: levels[i], i][None]).reshape(-1, p.shape[-1])
+    return joint
+
+
+def _outer_backward(grad: Tensor, p: Tensor, levels: tuple[int, ...], channels: list[int], out: Tensor) -> None:
+    """Add d(loss)/d p[:, i] for the channels of one ``_outer`` product to ``out``, given d(loss)/d(product)."""
+    n = p.shape[-1]
+    shape = [levels[i] for i in channels]
+    grad = grad.reshape(*shape, n)
+    for pos, i in enumerate(channels):
+        g = grad
+        # Contract every other channel's distribution away, last axis first: the axes before it keep their numbers.
+        for other in range(len(channels) - 1, -1, -1):
+            if other != pos:
+                j = channels[other]
+                view = [1] * g.dim()
+                view[other], view[-1] = levels[j], n
+                g = (g * p[: levels[j], j].reshape(view)).sum(dim=other)
+        out[: levels[i], i] += g
+
+
+class _ExactEntropy(torch.autograd.Function):
+    """Both entropy terms with the exact codebook term, forward and backward written out by hand.
+
+    The same mathematics as composing the torch ops, but at tokenizer batch sizes (a few thousand tokens, a handful
+    of levels) the cost is per-op overhead, and autograd's graph of ~30 small ops was 3x the quantizer itself. The
+    backward reuses the forward's intermediates: for the codebook term, the gradient of the averaged joint with
+    respect to one half's outer product is one matmul with the other half.
+    """
+
+    @staticmethod
+    def forward(ctx, bounded, grid, pad, temperature, levels):  # type: ignore[override]
+        diff, p, log_p = _level_probs(bounded, grid, pad, temperature)
+        n = bounded.shape[0]
+        per_token = -torch.dot(p.view(-1), log_p.view(-1)) / n  # entropy of a product = sum of the channels' entropies
+        # mean_n q(code | z_n) in index order (channel 0 least significant): the channels split in two halves, each
+        # half's per-token joint is an outer product, the average over tokens one matmul between the halves, so
+        # intermediates are (sqrt(K), N), never (K, N).
+        high_channels, low_channels = _halves(bounded.shape[1])
+        high, low = _outer(p, levels, high_channels), _outer(p, levels, low_channels)
+        avg = (high @ low.t()) / n
+        log_avg = (avg + _EPS).log()
+        codebook = -torch.dot(avg.view(-1), log_avg.view(-1))
+        ctx.save_for_backward(diff, p, log_p, high, low, avg, log_avg)
+        ctx.temperature, ctx.levels = temperature, levels
+        return per_token, codebook
+
+    @staticmethod
+    def backward(ctx, grad_token, grad_codebook):  # type: ignore[override]
+        diff, p, log_p, high, low, avg, log_avg = ctx.saved_tensors
+        levels, n = ctx.levels, p.shape[-1]
+        # d per_token / d p = -(log p + 1) / N
+        grad_p = (log_p + 1).mul_(-grad_token / n)
+        # d codebook / d avg = -(log(avg + eps) + avg / (avg + eps)); avg = high @ low^T / N
+        grad_sum = (log_avg + avg / (avg + _EPS)) * (-grad_codebook / n)
+        high_channels, low_channels = _halves(p.shape[1])
+        _outer_backward(grad_sum @ low, p, levels, high_channels, grad_p)
+        _outer_backward(grad_sum.t() @ high, p, levels, low_channels, grad_p)
+        # Softmax over levels, then logits = -(b - k)^2 / T.
+        grad_logits = (grad_p - (grad_p * p).sum(dim=0, keepdim=True)).mul_(p)
+        grad_bounded = grad_logits.mul_(diff).sum(dim=0).t().mul(-2.0 / ctx.temperature)
+        return grad_bounded, None, None, None, None
