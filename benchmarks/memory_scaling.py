@@ -208,8 +208,8 @@ def render() -> None:
         "```\n" + "\n".join(sorted({r["command"] for r in latest.values()})) + "\n```\n\n"
         f"Machine: {machine_['cpu']}, {machine_['cores']} cores, torch {machine_['torch']}, no GPU.\n\n"
         + table
-        + "\n\nPeak RSS is the process's maximum resident set (ru_maxrss), which includes about 0.37 GiB "
-        "for Python, torch and transformers themselves. Seconds per block is the whole run (calibration "
+        + "\n\nPeak RSS is the process's maximum resident set (ru_maxrss), which includes about 0.40 GiB "
+        "for Python, torch, transformers and the tokenizer before any work. Seconds per block is the whole run (calibration "
         "capture, the sanity check with its greedy generation, writing) divided by the number of blocks.\n"
         + "".join(
             f"\nThe row marked *first {r['blocks_done']} blocks* ran `{r['child_command']}` and was killed "
