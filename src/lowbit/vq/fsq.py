@@ -174,7 +174,7 @@ def _level_probs(
     Levels first: the reductions over a handful of levels then run across contiguous rows, several times faster on CPU
     than over a short last axis. Levels beyond L_i (channels with different L) get probability exactly 0.
     """
-    diff = bounded.t() - grid
+    diff = bounded.t().contiguous() - grid
     logits = diff.square().mul_(-1.0 / temperature).clamp_(min=_MIN_LOGIT)
     if pad is not None:
         # Padding joins the normaliser with weight e^-80 (nothing, in fp32) and is then zeroed exactly.
