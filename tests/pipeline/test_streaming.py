@@ -174,3 +174,38 @@ def test_streaming_peak_memory_stays_near_one_block(tmp_path):
         f"{above / 2**20:.1f} MiB above baseline; one block is {block_bytes / 2**20:.1f} MiB"
     )
     assert (tmp_path / "out" / "model-block-00011.safetensors").exists()
+
+
+def test_memory_estimate_follows_what_streaming_holds():
+    """Streaming holds one block, never the whole model, and the embeddings or the head one at a time (both
+    only while a quantized head exists in memory alone); in memory, everything."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowbit.models import ModelAdapter
+    from lowbit.pipeline.plan import check_plan, estimate
+
+    # a vocabulary large next to the blocks, as in real LMs: embeddings and head are each bigger than a block
+    config = LlamaConfig(
+        vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    adapter = ModelAdapter(model)
+    elem = 4
+    block = sum(p.numel() for p in adapter.blocks[0].parameters()) * elem
+    embed = model.get_input_embeddings().weight.numel() * elem
+    head = model.lm_head.weight.numel() * elem
+    assert min(embed, head) > block
+    n_blocks = len(adapter)
+
+    def peak(step, streaming):
+        targeted = check_plan(adapter, [step], allow_nonfinite=False)
+        return estimate(adapter, [step], targeted, torch.float32, 0, streaming=streaming).peak_memory_bytes
+
+    rtn = RTN(format="int4", group_size=32)
+    with_head = RTN(format="int4", group_size=32, ignore=[])
+    streamed, in_memory = peak(rtn, True), peak(rtn, False)
+    # RTN: no Hessian, a small working copy; the outside stage (one block + the larger of embeddings and head) wins
+    assert in_memory - streamed >= (n_blocks - 1) * block + min(embed, head)
+    assert peak(with_head, True) - streamed >= min(embed, head)  # the quantized head and the embeddings together

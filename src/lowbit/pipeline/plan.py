@@ -167,16 +167,21 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def measured_gflops() -> float:
-    """Matrix-multiply throughput of this machine (a fraction of a second to measure)."""
-    a = torch.randn(512, 512)
-    b = torch.randn(512, 512)
+def measured_gflops(dtype: torch.dtype = torch.float32) -> float:
+    """Matrix-multiply throughput of this machine in ``dtype`` (about a tenth of a second to measure).
+
+    1024 x 1024 operands: small ones under-report what a model's matmuls reach by 3-5x on CPUs
+    with bf16 instructions, and bf16 runs there several times faster than fp32.
+    """
+    n = 1024
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
     a @ b
-    start = time.perf_counter()
-    reps = 10
-    for _ in range(reps):
+    reps, start = 0, time.perf_counter()
+    while reps < 3 or time.perf_counter() - start < 0.05:
         a @ b
-    return 2 * 512**3 * reps / (time.perf_counter() - start) / 1e9
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 
 
 def estimate(
@@ -214,30 +219,44 @@ def estimate(
     block_params = max(sum(p.numel() for p in b.parameters()) for b in adapter.blocks)
     block_bytes = block_params * elem
     hidden = getattr(adapter.model.config, "hidden_size", 0) or 0
-    widest = max((max(layer.shape) for layer in layers), default=0)
+    widest_input = max((layer.shape[1] for layer in layers), default=0)
+    largest = max((math.prod(layer.shape) for layer in layers), default=0)
     needs_data = any(s.needs_calibration for s in steps)
     act = 2 * (calibration_tokens + 2 * held_back_tokens) * hidden * elem if needs_data else 0
-    hessian = widest * widest * 4 if needs_data else 0
-    work = 3 * widest * widest * 4  # fp32 weight, its update and quantized copy of the largest layer
-    outside = params_total * elem - block_bytes * len(adapter) if streaming else params_total * elem
-    runtime = 600 * 2**20  # the interpreter, torch and transformers themselves
-    peak = int(runtime + outside + 2 * block_bytes + act + hessian + work)
+    hessian = widest_input * widest_input * 4 if needs_data else 0  # fp32, factorised in place
+    work = 2 * largest * 4  # the largest layer's fp32 working copy, and its dequantized result
+    # Measured on a 2-core CPU box: imports, tokenizer and model code hold about 0.40 GiB before any
+    # tensor work, 0.45 GiB while running (benchmarks/results/memory_phases.md).
+    runtime = 460 * 2**20
+    if streaming:
+        # Blocks: one block, its calibration activations, the widest Hessian and working copy.
+        # Outside the blocks (the sanity check's generation, writing): one block and the largest of
+        # the embeddings and the head, one at a time (all of them if a quantized head stays in memory).
+        outside_sizes = _outside_parameter_bytes(adapter, elem)
+        head_targeted = any(not name.startswith(adapter.blocks_path + ".") for name in targeted)
+        outside_peak = sum(outside_sizes) if head_targeted else max(outside_sizes, default=0)
+        peak = int(runtime + block_bytes + act + max(hessian + work, outside_peak))
+    else:
+        peak = int(runtime + checkpoint + act + hessian + work)
     disk = checkpoint + (act if streaming else 0)
-    gflops = measured_gflops()
-    flops = 0.0
+    model_rate = measured_gflops(storage_dtype)  # calibration forwards run in the model's dtype
+    fp32_rate = measured_gflops(torch.float32)  # GPTQ's linear algebra
+    forward_flops = gptq_flops = 0.0
     if needs_data:
         passes = 1 + sum(3 if s.name in ("gptq", "awq") else 1 for s in steps if s.needs_calibration)
-        flops += 2 * block_params * calibration_tokens * passes * len(adapter)
+        forward_flops += 2 * block_params * calibration_tokens * passes * len(adapter)
         if any(s.name == "awq" for s in steps):
-            flops += 2 * block_params * calibration_tokens * 20 * len(adapter)
+            forward_flops += 2 * block_params * calibration_tokens * 20 * len(adapter)
     if any(s.name == "gptq" for s in steps):
-        flops += sum(2 * layer.shape[0] * layer.shape[1] ** 2 + layer.shape[1] ** 3 for layer in layers)
-    seconds = flops / (gflops * 1e9) + quantized_numel / 50e6  # plus rounding/bookkeeping per weight
-    notes = [f"{gflops:.0f} GFLOP/s measured on this machine"]
+        gptq_flops += sum(2 * layer.shape[0] * layer.shape[1] ** 2 + layer.shape[1] ** 3 for layer in layers)
+    seconds = forward_flops / (model_rate * 1e9) + gptq_flops / (fp32_rate * 1e9)
+    seconds += quantized_numel / 50e6  # rounding and bookkeeping per weight
+    dtype_name = str(storage_dtype).removeprefix("torch.")
+    notes = [f"{model_rate:.0f} GFLOP/s ({dtype_name}) and {fp32_rate:.0f} GFLOP/s (float32) measured on this machine"]
     if generate_tokens:
         # streamed runs read every block again per token (about 1 GB/s from disk or page cache)
         per_pass = checkpoint / 1e9 if streaming else 0.0
-        seconds += 2 * generate_tokens * (per_pass + 2 * params_total * 32 / (gflops * 1e9))
+        seconds += 2 * generate_tokens * (per_pass + 2 * params_total * 32 / (model_rate * 1e9))
         notes.append(f"sanity check generates {generate_tokens} tokens (2 x {generate_tokens} passes over the weights)")
     if out_dir is not None:
         existing = Path(out_dir).resolve()
@@ -248,3 +267,16 @@ def estimate(
             raise PlanError(f"not enough disk space for {out_dir}: about {_gib(disk)} needed, {_gib(free)} free")
         notes.append(f"{_gib(free)} free on the output disk")
     return Plan(len(adapter), layers, params_total, checkpoint, packed, peak, disk, seconds, calibration_tokens, notes)
+
+
+def _outside_parameter_bytes(adapter: ModelAdapter, elem: int) -> list[int]:
+    """Bytes of each module outside the blocks that holds weights (embeddings, final norm, head)."""
+    inside = adapter.blocks_path + "."
+    sizes = []
+    for name, module in adapter.model.named_modules():
+        if name == adapter.blocks_path or name.startswith(inside):
+            continue
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        if own:
+            sizes.append(own * elem)
+    return sizes
