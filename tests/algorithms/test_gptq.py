@@ -104,7 +104,8 @@ def test_per_tensor_and_per_channel_granularity():
         assert output_error(W - q.dequantize(res.qtensor), H) <= output_error(W - rtn, H)
 
 
-def test_in_place_factorisation_matches_torch_and_survives_retries():
+@pytest.mark.parametrize("in_place", [True, False])
+def test_in_place_factorisation_matches_torch_and_survives_retries(in_place):
     from lowbit.algorithms.hessian import inverse_cholesky_factor
 
     torch.manual_seed(3)
@@ -114,8 +115,9 @@ def test_in_place_factorisation_matches_torch_and_survives_retries():
     for H in (X.T @ X / 200, (vecs * eigvals) @ vecs.T):
         H = (H + H.T) / 2
         storage = H.clone()
-        U, damp = inverse_cholesky_factor(storage, 0.01, 4)
-        assert U.data_ptr() == storage.data_ptr()  # no second matrix
+        U, damp = inverse_cholesky_factor(storage, 0.01, 4, in_place=in_place)
+        assert (U.data_ptr() == storage.data_ptr()) == in_place  # in place: no second matrix
+        assert U.is_contiguous() and not U.tril(-1).any()  # upper triangular, rows contiguous for GPTQ's walk
         Hd = H + damp * H.diagonal().mean() * torch.eye(64, dtype=H.dtype)
         expected = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
         torch.testing.assert_close(U.triu(), expected)

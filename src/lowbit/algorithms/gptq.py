@@ -153,9 +153,9 @@ def gptq_quantize(
             q = quantizer.decode(c.unsqueeze(1), colp)[:, 0]
             codes_t[col] = c
             err = (w - q) / U1[i, i]
-            losses[col] = err.double().pow(2).sum()
             W1[i:].addr_(U1[i, i:], err, alpha=-1.0)
             Err1[i] = err
+        losses[i1:i2] = Err1.double().pow(2).sum(dim=1)  # once per block, not per column
         Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)
     del Wt, U
 

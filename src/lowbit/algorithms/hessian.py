@@ -57,15 +57,26 @@ class HessianNotPositiveDefinite(RuntimeError):
     pass
 
 
-def inverse_cholesky_factor(H: torch.Tensor, dampening: float, retries: int) -> tuple[torch.Tensor, float]:
+# From this many columns on (a 64 MiB fp32 Hessian), CPU factorisations run in place.
+IN_PLACE_MIN_COLUMNS = 4096
+
+
+def inverse_cholesky_factor(
+    H: torch.Tensor, dampening: float, retries: int, in_place: bool | None = None
+) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of ``(H + damp I)^-1``, raising the damping until it exists.
 
-    Consumes ``H``. On the CPU the three factorisations run in place in ``H``'s own memory
+    Consumes ``H``. For large Hessians on the CPU (``in_place=None``: from
+    ``IN_PLACE_MIN_COLUMNS`` on) the three factorisations run in place in ``H``'s own memory
     (LAPACK through scipy; torch's linalg always allocates a second matrix), so the Hessian of the
-    largest layer of a big model is never held twice.
+    largest layer of a big model is never held twice. Smaller ones use torch: scipy's OpenBLAS
+    threads keep spinning after each call and slowed the next torch operations down, which on a
+    model of many small layers cost 20% of a GPTQ run, for a copy worth a few MiB.
     """
     mean_diag = float(torch.mean(torch.diag(H)))
-    if H.device.type == "cpu" and H.dtype in (torch.float32, torch.float64) and H.is_contiguous():
+    if in_place is None:
+        in_place = H.shape[0] >= IN_PLACE_MIN_COLUMNS
+    if in_place and H.device.type == "cpu" and H.dtype in (torch.float32, torch.float64) and H.is_contiguous():
         return _inverse_cholesky_in_place(H, mean_diag, dampening, retries)
     damp, added = dampening, 0.0
     for attempt in range(retries + 1):
@@ -78,7 +89,7 @@ def inverse_cholesky_factor(H: torch.Tensor, dampening: float, retries: int) -> 
             U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
             del Hinv
             if info == 0 and torch.isfinite(U).all():
-                return U, damp
+                return U.contiguous(), damp  # GPTQ walks its rows
         if attempt < retries:
             log.info("Hessian not positive definite with dampening %.3g; retrying with %.3g", damp, damp * 10)
             damp *= 10
@@ -104,15 +115,29 @@ def _inverse_cholesky_in_place(
             _, info = potri(A, lower=0, overwrite_c=1)  # upper triangle of the inverse
         if info == 0:
             _, info = potrf(A, lower=0, overwrite_a=1, clean=0)
-        # (row bands: a finiteness check of the whole matrix would allocate one of its size)
-        if info == 0 and all(bool(torch.isfinite(rows).all()) for rows in H.split(256)):
-            H.tril_()  # torch's upper triangle still holds the Hessian; the factor is the lower one
-            return H.T, damp
+        # The factor is finite if the sum of the whole matrix is (the Hessian's own half is finite);
+        # unlike isfinite, a sum allocates nothing and takes one pass.
+        if info == 0 and bool(torch.isfinite(H.sum())):
+            # The factor is torch's lower triangle (its upper one still holds the Hessian). GPTQ walks
+            # the factor's rows, so move it to the upper triangle: rows are then contiguous in memory.
+            _mirror_lower_to_upper(H)
+            H.triu_()
+            return H, damp
         _mirror_upper_to_lower(H)
         if attempt < retries:
             log.info("Hessian not positive definite with dampening %.3g; retrying with %.3g", damp, damp * 10)
             damp *= 10
     raise HessianNotPositiveDefinite(f"Hessian not positive definite even with dampening {damp:.3g}")
+
+
+def _mirror_lower_to_upper(H: torch.Tensor, chunk: int = 512) -> None:
+    """Copy the lower triangle onto the upper one (transposed), a band of columns at a time."""
+    n = H.shape[0]
+    for a in range(0, n, chunk):
+        b = min(a + chunk, n)
+        H[:a, a:b] = H[a:b, :a].T
+        block = H[a:b, a:b]
+        block.copy_(block.tril() + block.tril(-1).T)
 
 
 def _mirror_upper_to_lower(H: torch.Tensor, chunk: int = 512) -> None:

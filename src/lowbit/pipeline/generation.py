@@ -2,9 +2,9 @@
 
 The model may be a weightless skeleton whose blocks are read from disk (streaming runs), so the
 generation runs the whole sequence through the blocks once per new token, loading and releasing
-each block around its turn (and the embeddings and the head around theirs): no KV cache to thread through block calls of every architecture, and
-no more memory than the pipeline itself needs. A few new tokens over a short prompt cost a few
-passes over the weights.
+each block around its turn (and the embeddings and the head around theirs): no KV cache to thread
+through block calls of every architecture, and no more memory than the pipeline itself needs. A
+few new tokens over a short prompt cost a few passes over the weights.
 """
 
 from __future__ import annotations

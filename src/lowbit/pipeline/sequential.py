@@ -173,7 +173,10 @@ def run_pipeline(
     """
     options = options or PipelineOptions()
     store = store or InMemoryStore()
-    return_freed_memory_promptly()
+    if store.streaming:
+        # Memory is the point of streaming. (In memory it is not worth its cost: every large
+        # temporary then comes from fresh pages, 20-30% slower on a small model.)
+        return_freed_memory_promptly()
     adapter = ModelAdapter(model)
     adapter.unfuse_experts()
     targeted = check_plan(adapter, steps, options.allow_nonfinite)
@@ -305,7 +308,10 @@ def run_pipeline(
         if generate and sanity.generated_reference is not None:
             # A quantized head exists only in memory: it stays, and the embeddings join it.
             keep_head = bool(head_linears)
-            store.load_outside(adapter) if keep_head else store.release_outside(adapter)
+            if keep_head:
+                store.load_outside(adapter)
+            else:
+                store.release_outside(adapter)
             generated, nonfinite = _generate(
                 model, adapter, held_back, options, store, output=True, swap_outside=not keep_head
             )
