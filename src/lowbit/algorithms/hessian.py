@@ -123,7 +123,7 @@ def _inverse_cholesky_in_place(
             _mirror_lower_to_upper(H)
             H.triu_()
             return H, damp
-        _mirror_upper_to_lower(H)
+        _mirror_lower_to_upper(H.T)  # the Hessian, from the intact upper triangle, for the retry
         if attempt < retries:
             log.info("Hessian not positive definite with dampening %.3g; retrying with %.3g", damp, damp * 10)
             damp *= 10
@@ -138,16 +138,6 @@ def _mirror_lower_to_upper(H: torch.Tensor, chunk: int = 512) -> None:
         H[:a, a:b] = H[a:b, :a].T
         block = H[a:b, a:b]
         block.copy_(block.tril() + block.tril(-1).T)
-
-
-def _mirror_upper_to_lower(H: torch.Tensor, chunk: int = 512) -> None:
-    """Rebuild the lower triangle of a symmetric matrix from its upper one, a band at a time."""
-    n = H.shape[0]
-    for a in range(0, n, chunk):
-        b = min(a + chunk, n)
-        H[a:b, :a] = H[:a, a:b].T
-        block = H[a:b, a:b]
-        block.copy_(block.triu() + block.triu(1).T)
 
 
 def permute_rows_(T: torch.Tensor, perm: torch.Tensor) -> None:

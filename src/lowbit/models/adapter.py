@@ -80,6 +80,15 @@ class ModelAdapter:
         inside = self.blocks_path + "."
         return {n: m for n, m in self.linears_in(self.model).items() if not n.startswith(inside)}
 
+    def outside_modules(self) -> dict[str, nn.Module]:
+        """Modules outside the blocks that hold weights of their own (embeddings, final norm, head)."""
+        inside = self.blocks_path + "."
+        return {
+            name: module
+            for name, module in self.model.named_modules()
+            if name != self.blocks_path and not name.startswith(inside) and list(module.parameters(recurse=False))
+        }
+
     # ------------------------------------------------------------------ groups
     def groups(self, index: int) -> list[ResolvedGroup]:
         """The architecture's linear groups in block ``index``, checked against the real modules."""

@@ -232,7 +232,9 @@ def estimate(
         # Blocks: one block, its calibration activations, the widest Hessian and working copy.
         # Outside the blocks (the sanity check's generation, writing): one block and the largest of
         # the embeddings and the head, one at a time (all of them if a quantized head stays in memory).
-        outside_sizes = _outside_parameter_bytes(adapter, elem)
+        outside_sizes = [
+            sum(p.numel() for p in m.parameters(recurse=False)) * elem for m in adapter.outside_modules().values()
+        ]
         head_targeted = any(not name.startswith(adapter.blocks_path + ".") for name in targeted)
         outside_peak = sum(outside_sizes) if head_targeted else max(outside_sizes, default=0)
         peak = int(runtime + block_bytes + act + max(hessian + work, outside_peak))
@@ -267,16 +269,3 @@ def estimate(
             raise PlanError(f"not enough disk space for {out_dir}: about {_gib(disk)} needed, {_gib(free)} free")
         notes.append(f"{_gib(free)} free on the output disk")
     return Plan(len(adapter), layers, params_total, checkpoint, packed, peak, disk, seconds, calibration_tokens, notes)
-
-
-def _outside_parameter_bytes(adapter: ModelAdapter, elem: int) -> list[int]:
-    """Bytes of each module outside the blocks that holds weights (embeddings, final norm, head)."""
-    inside = adapter.blocks_path + "."
-    sizes = []
-    for name, module in adapter.model.named_modules():
-        if name == adapter.blocks_path or name.startswith(inside):
-            continue
-        own = sum(p.numel() for p in module.parameters(recurse=False))
-        if own:
-            sizes.append(own * elem)
-    return sizes

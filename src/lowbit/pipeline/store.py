@@ -65,7 +65,7 @@ class StreamingStore:
     def release_outside(self, adapter: ModelAdapter) -> None:
         """Drop them again while the blocks are worked on (the embeddings of a large vocabulary
         would otherwise sit in memory all run)."""
-        for _, module in self._outside_modules(adapter):
+        for module in adapter.outside_modules().values():
             if any(p.device.type != "meta" for p in module.parameters(recurse=False)):
                 module.to("meta")
 
@@ -75,12 +75,6 @@ class StreamingStore:
             name, module = getter()
             if module is not None:
                 self.lazy.materialize(module, name)
-
-    def _outside_modules(self, adapter: ModelAdapter):
-        inside = adapter.blocks_path + "."
-        for name, module in self.lazy.model.named_modules():
-            if name != adapter.blocks_path and not name.startswith(inside) and list(module.parameters(recurse=False)):
-                yield name, module
 
     def load_block(self, adapter: ModelAdapter, index: int) -> None:
         self.lazy.materialize(adapter.blocks[index], adapter.block_name(index))
