@@ -189,6 +189,10 @@ def quantize_checkpoint(
     """
     from transformers import AutoConfig, AutoTokenizer
 
+    from .pipeline.memory import return_freed_memory_promptly
+
+    # Before anything allocates: the tokenizer and the calibration set come first (see quantize_directory).
+    return_freed_memory_promptly()
     torch.manual_seed(seed)
     path = resolve_model_path(model_dir)
     if not isinstance(path, Path):
