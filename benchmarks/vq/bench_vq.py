@@ -17,7 +17,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -26,7 +25,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lowbit.vq.digits import PRESETS, QUANTIZERS, DigitsConfig, DigitsTrainer, load_digits_split, make_quantizer
+from lowbit.vq.digits import (
+    PRESETS,
+    QUANTIZERS,
+    DigitsConfig,
+    DigitsTrainer,
+    load_digits_split,
+    make_quantizer,
+    windowed_median_ms,
+)
 
 
 def _peer_module():
@@ -105,8 +112,9 @@ def peer_factory(name: str) -> Callable[[], nn.Module] | None:
     return build
 
 
-def layer_ms(module: nn.Module, channels: int, iters: int = 60, batch: int = 128) -> float:
-    """Median forward+backward time of the quantizer alone on a (batch, channels, 4, 4) input, training mode."""
+def layer_ms(module: nn.Module, channels: int, iters: int = 64, batch: int = 128) -> float:
+    """Forward+backward time of the quantizer alone on a (batch, channels, 4, 4) input, training mode: the median over
+    windows of 8 calls of their mean (as for whole steps)."""
     module.train()
     x = torch.randn(batch, channels, 4, 4, requires_grad=True)
     times = []
@@ -117,7 +125,7 @@ def layer_ms(module: nn.Module, channels: int, iters: int = 60, batch: int = 128
         if i >= 5:  # skip k-means init and warm-up
             times.append(time.perf_counter() - start)
         x.grad = None
-    return 1000 * statistics.median(times)
+    return windowed_median_ms(times)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

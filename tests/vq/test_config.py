@@ -30,6 +30,7 @@ from lowbit.vq.digits import DigitsConfig, make_quantizer
         (lambda: FSQ(levels=[4, 4], dim=3), "dim"),
         (lambda: FSQ(levels=[4, 4], entropy_weight=-0.1), "entropy_weight"),
         (lambda: FSQ(levels=[4, 4], entropy_weight=0.1, temperature=0), "temperature"),
+        (lambda: FSQ(levels=[4, 4], entropy_weight=0.1, entropy_every=0), "entropy_every"),
         (lambda: FSQ(levels=[4, 4], diversity_gamma=-1), "diversity_gamma"),
         (lambda: FSQ(levels=[4, 4], exact_entropy_max_codes=-1), "exact_entropy_max_codes"),
         (lambda: LFQ(dim=0), "dim"),

@@ -70,6 +70,37 @@ def test_layer_loss_is_the_weighted_difference_and_only_in_training():
     torch.testing.assert_close(plain(z).quantized, out.quantized)  # the loss never changes the codes
 
 
+def test_lazy_entropy_loss_runs_every_kth_training_call_with_k_times_the_weight():
+    # entropy_every=k: the loss is in calls 0, k, 2k, ... only, weighted by k, so over k training calls on the same
+    # input the summed gradient is exactly the every-call one's; eval calls do not count.
+    torch.manual_seed(0)
+    z = torch.randn(128, 3)
+    every = FSQ(levels=[4, 3, 5], entropy_weight=0.5, temperature=0.2)
+    lazy = FSQ(levels=[4, 3, 5], entropy_weight=0.5, temperature=0.2, entropy_every=3)
+
+    def summed_grad(q: FSQ, calls: int) -> tuple[torch.Tensor, list[float]]:
+        x = z.clone().requires_grad_()
+        losses = []
+        for _ in range(calls):
+            q.eval()
+            q(x)  # an evaluation call in between: must not shift the schedule
+            q.train()
+            out = q(x)
+            due = "codebook_entropy" in out.aux
+            assert due == (out.loss.grad_fn is not None)
+            if due:
+                out.loss.backward()
+            losses.append(float(out.loss.detach()))
+        return x.grad, losses
+
+    grad_every, losses_every = summed_grad(every, 3)
+    grad_lazy, losses_lazy = summed_grad(lazy, 6)
+    assert losses_lazy[1:3] == [0.0, 0.0] and losses_lazy[4:6] == [0.0, 0.0]
+    assert losses_lazy[0] == pytest.approx(3 * losses_every[0], rel=1e-6)
+    assert losses_lazy[3] == pytest.approx(losses_lazy[0], rel=1e-6)
+    torch.testing.assert_close(grad_lazy, 2 * grad_every)  # 6 lazy calls = two loss terms of weight 3 = 6 eager ones
+
+
 @pytest.mark.parametrize("exact_max", [4096, 0])
 def test_loss_and_gradient_are_finite_and_nonzero(exact_max):
     # Unequal levels (padded grid), saturated tanh inputs, exact zeros and a one-token batch.

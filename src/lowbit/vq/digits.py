@@ -40,7 +40,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "fsq": {"levels": (4, 4, 4, 4)},  # plain FSQ, the published algorithm
     # FSQ plus the code-usage entropy loss. The weight is small because the entropy terms are in nats (up to
     # ln 256 = 5.5) while the pixel MSE they add to is ~0.005; larger weights reach 100% usage too but cost MSE.
-    "fsq+entropy": {"levels": (4, 4, 4, 4), "entropy_weight": 0.002, "temperature": 0.1},
+    "fsq+entropy": {"levels": (4, 4, 4, 4), "entropy_weight": 0.002, "temperature": 0.1, "entropy_every": 4},
     # gamma=2: with gamma=1 the confident-bits term wins early and LFQ stalls near half the codebook on this data.
     "lfq": {"dim": 8, "entropy_weight": 0.1, "diversity_gamma": 2.0},
     "bsq": {"dim": 8, "entropy_weight": 0.1},
@@ -194,9 +194,20 @@ class DigitsTrainer:
             "bits_per_token": meter.nominal_bits(),
         }
 
-    def median_step_ms(self, skip: int = 10) -> float:
-        times = self.step_times[skip:] if len(self.step_times) > skip else self.step_times
-        return 1000 * statistics.median(times)
+    def median_step_ms(self, skip: int = 10, window: int = 8) -> float:
+        """Median over consecutive windows of ``window`` steps of their mean step time, after ``skip`` warm-up steps.
+
+        Windows, not single steps: a quantizer whose work varies from step to step (FSQ's lazy entropy loss runs on
+        every k-th step) is charged its average cost, while a window hit by another process's burst is still ignored.
+        """
+        return windowed_median_ms(self.step_times[skip:] if len(self.step_times) > skip else self.step_times, window)
+
+
+def windowed_median_ms(times: list[float], window: int = 8) -> float:
+    """Median of the means of consecutive ``window``-long runs of ``times`` (seconds), in milliseconds."""
+    window = max(1, min(window, len(times)))
+    means = [statistics.fmean(times[i : i + window]) for i in range(0, len(times) - window + 1, window)]
+    return 1000 * statistics.median(means)
 
 
 def train_digits(

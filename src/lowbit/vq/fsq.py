@@ -49,6 +49,9 @@ class FSQConfig:
     # weight e^-10, one halfway between two levels splits 50/50. 1.0 was too soft on the digits VQ-VAE.
     temperature: float = 0.1
     exact_entropy_max_codes: int = 4096  # above this many codes the codebook term uses the per-channel bound
+    # Lazy regularisation (as StyleGAN2 does for its regularisers): compute the loss on every k-th training call only,
+    # weighted by k, so its gradient has the same expected size at 1/k of the cost. 1 = every call.
+    entropy_every: int = 1
 
     def __post_init__(self) -> None:
         check(len(self.levels) >= 1, "levels", "need at least one level count")
@@ -70,6 +73,11 @@ class FSQConfig:
             "exact_entropy_max_codes",
             f"must be an int >= 0, got {self.exact_entropy_max_codes!r}",
         )
+        check(
+            isinstance(self.entropy_every, int) and self.entropy_every >= 1,
+            "entropy_every",
+            f"must be an int >= 1, got {self.entropy_every!r}",
+        )
         object.__setattr__(self, "levels", tuple(self.levels))
 
 
@@ -77,7 +85,8 @@ class FSQ(Quantizer):
     """``FSQ(levels=[8, 5, 5, 5])``: 1000 codes on 4 channels; index = mixed-radix number of the per-channel digits.
 
     ``FSQ(levels=[4, 4, 4, 4], entropy_weight=0.002)`` adds the code-usage entropy loss to ``forward(...).loss`` in
-    training mode (``aux``: ``per_sample_entropy``, ``codebook_entropy``); the codes themselves are unchanged.
+    training mode (``aux``: ``per_sample_entropy``, ``codebook_entropy``); the codes themselves are unchanged. With
+    ``entropy_every=k`` the loss (weighted by k) is only in every k-th training call's output, the rest carry zero.
     """
 
     def __init__(self, config: FSQConfig | None = None, /, **kwargs: Any) -> None:
@@ -101,6 +110,7 @@ class FSQ(Quantizer):
         self.register_buffer("level_grid", grid.clone(), persistent=False)
         self.register_buffer("level_pad", grid >= levels[None, :, None].float(), persistent=False)
         self.padded_levels = len(set(cfg.levels)) > 1
+        self._training_calls = 0  # counts calls with the entropy loss on, for entropy_every
 
     @property
     def codebook_sizes(self) -> list[int]:
@@ -137,11 +147,17 @@ class FSQ(Quantizer):
         codes = self._digits_to_codes(straight_through(bounded, digits))
         indices = (digits.long() * self.basis).sum(dim=-1)
         loss, aux = x.new_zeros(()), {}
-        if cfg.entropy_weight > 0 and self.training:
+        if cfg.entropy_weight > 0 and self.training and self._entropy_due():
             per_token, codebook = self.entropy_terms(bounded)
-            loss = cfg.entropy_weight * (per_token - cfg.diversity_gamma * codebook)
+            loss = (cfg.entropy_weight * cfg.entropy_every) * (per_token - cfg.diversity_gamma * codebook)
             aux = {"per_sample_entropy": per_token.detach(), "codebook_entropy": codebook.detach()}
         return QuantizerResult(codes, indices, loss, aux)
+
+    def _entropy_due(self) -> bool:
+        """Whether this training call computes the entropy loss (the first call, then every ``entropy_every``-th)."""
+        calls = self._training_calls
+        self._training_calls = calls + 1
+        return calls % self.config.entropy_every == 0
 
     def _digits_to_codes(self, digits: Tensor) -> Tensor:
         return digits / self.half_width - 1  # grid points in [-1, 1]
