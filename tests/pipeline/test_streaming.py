@@ -209,3 +209,28 @@ def test_memory_estimate_follows_what_streaming_holds():
     # RTN: no Hessian, a small working copy; the outside stage (one block + the larger of embeddings and head) wins
     assert in_memory - streamed >= (n_blocks - 1) * block + min(embed, head)
     assert peak(with_head, True) - streamed >= min(embed, head)  # the quantized head and the embeddings together
+
+
+def test_allocator_is_set_up_before_the_skeleton_allocates(tiny_lm_dir, tmp_path, monkeypatch):
+    """Building the skeleton allocates every parameter once and frees it. Under glibc's default (rising) mmap
+    threshold that left the heap as large as the model, free but reused later and then kept resident (a 1.1B run
+    grew by 1.2 GiB). So the threshold must be fixed before the skeleton exists, and the heap trimmed after."""
+    from lowbit.models import lazy
+    from lowbit.pipeline import directory, memory
+
+    events = []
+    real_init, real_fix, real_trim = lazy.LazyModel.__init__, memory.return_freed_memory_promptly, memory.trim
+
+    def init(self, *args, **kwargs):
+        events.append("skeleton")
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(lazy.LazyModel, "__init__", init)
+    for module in (directory, memory):
+        monkeypatch.setattr(module, "return_freed_memory_promptly", lambda *a: events.append("fix") or real_fix(*a))
+        monkeypatch.setattr(module, "trim", lambda: events.append("trim") or real_trim())
+    opts = PipelineOptions(progress=False, sanity_samples=0)
+    quantize_checkpoint(tiny_lm_dir, [RTN(format="int4", group_size=32)], tmp_path / "out", options=opts)
+    first_skeleton = events.index("skeleton")
+    assert "fix" in events[:first_skeleton], events
+    assert events[first_skeleton + 1] == "trim", events
