@@ -21,7 +21,8 @@ channels'). The joint average needs prod(L_i) numbers per token; up to ``exact_e
 computed exactly, above that the codebook term falls back to the sum of the per-channel entropies of the averaged
 marginals, an upper bound on the joint entropy that still spreads each channel's levels but no longer sees
 correlations between channels. As in LFQ, the batch average is over the tokens of this call (this rank's batch
-under data parallelism).
+under data parallelism). ``entropy_every=k`` computes the loss lazily, on every k-th training call with k times the
+weight (the same expected gradient at 1/k of the cost, as StyleGAN2 does for its regularisers).
 """
 
 from __future__ import annotations
