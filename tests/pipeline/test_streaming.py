@@ -234,3 +234,47 @@ def test_allocator_is_set_up_before_the_skeleton_allocates(tiny_lm_dir, tmp_path
     first_skeleton = events.index("skeleton")
     assert "fix" in events[:first_skeleton], events
     assert events[first_skeleton + 1] == "trim", events
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "hqq", "awq+gptq"])
+def test_every_cli_method_runs_on_a_float16_checkpoint(tmp_path, method):
+    """Checkpoints stored in float16 (like the built-in reference-lm) stream through every method: calibration
+    activations, scale searches and Hessians must follow the blocks' dtype, not assume float32."""
+    from lowbit.cli import main
+
+    model = save_tiny_lm(tmp_path / "m", dtype=torch.float16)
+    out = tmp_path / "out"
+    args = ["quantize", str(model), "--method", method, "--bits", "4", "--group-size", "32", "--out", str(out)]
+    assert main([*args, "--n-samples", "8", "--seq-len", "64", "--sanity-samples", "2", "--force"]) == 0
+    saved = _tensors(out)
+    assert all(t.dtype == torch.float16 for t in saved.values() if t.is_floating_point())
+    assert all(torch.isfinite(t).all() for t in saved.values() if t.is_floating_point())
+
+
+def test_an_unexpected_failure_inside_a_step_names_the_step_and_block(tiny_lm_dir, tmp_path, monkeypatch, capsys):
+    from lowbit.cli import main
+
+    def broken(self, unit):
+        raise RuntimeError("expected m1 and m2 to have the same dtype")
+
+    monkeypatch.setattr(GPTQ, "apply", broken)
+    args = ["quantize", str(tiny_lm_dir), "--method", "gptq", "--group-size", "32", "--out", str(tmp_path / "out")]
+    assert main([*args, "--n-samples", "8", "--seq-len", "64"]) == 1
+    err = capsys.readouterr().err
+    assert "same dtype (in step 'gptq' on model.layers.0)" in " ".join(err.split())
+    assert not (tmp_path / "out").exists()
+
+
+def test_float16_checkpoints_compute_in_float32_on_the_cpu(tmp_path):
+    from lowbit.models.lazy import LazyModel, compute_dtype
+
+    assert compute_dtype(torch.float16, "cpu") == torch.float32  # no fast fp16 arithmetic on CPUs
+    assert compute_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+    assert compute_dtype(torch.float16, "cuda") == torch.float16
+    model = save_tiny_lm(tmp_path / "m", dtype=torch.float16)
+    lazy = LazyModel(model, dtype=compute_dtype(torch.float16, "cpu"))
+    assert lazy.storage_dtype == torch.float16 and lazy.dtype == torch.float32
+    # the dry run plans with the dtypes the run will use: float32 blocks, a float16 output
+    plan = quantize_checkpoint(model, [RTN(format="int4", group_size=32)], tmp_path / "out", dry_run=True).plan
+    assert "float16" not in " ".join(plan.notes)
+    assert plan.checkpoint_bytes == sum(p.numel() for p in lazy.model.parameters()) * 2

@@ -159,8 +159,11 @@ class AWQ(Step):
 
             return run_inspect
 
+        # x is float32 (for the statistics); the layers compute in their own dtype, as in the model
+        by_dtype = {dtype: x.to(dtype) for dtype in {weight_of(m).dtype for m in modules}}
+
         def run_linears():
-            return [m(x) for m in modules]
+            return [m(by_dtype[weight_of(m).dtype]) for m in modules]
 
         return run_linears
 

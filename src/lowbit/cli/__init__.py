@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
         if args.verbose >= 2:
             raise
-        err.print(f"lowbit: error: {exc}", highlight=False, soft_wrap=True)
+        where = "".join(f" ({note})" for note in getattr(exc, "__notes__", ()))
+        err.print(f"lowbit: error: {exc}{where}", highlight=False, soft_wrap=True)
         return 2 if isinstance(exc, (ValueError, FileNotFoundError, FileExistsError)) else 1
 
 

@@ -94,7 +94,10 @@ def build_recipe(args: argparse.Namespace):
     steps = []
     for method in methods:
         if method not in STEPS:
-            raise ValueError(f"--method: unknown method {method!r}; known: {', '.join(sorted(STEPS))}")
+            raise ValueError(
+                f"--method: unknown method {method!r}; known: {', '.join(sorted(STEPS))}, or several joined by '+' "
+                "(e.g. awq+gptq)"
+            )
         config: dict = {"format": args.format}
         for key in ("bits", "group_size", "symmetric", "clip"):
             if getattr(args, key) is not None:

@@ -18,12 +18,14 @@ QUANTIZER_CHOICES = ("vq", "rvq", "grvq", "fsq", "fsq+entropy", "lfq", "bsq", "p
 
 def add_parser(sub) -> None:
     p = sub.add_parser("vq-train", help="train the digits VQ-VAE example", description=__doc__)
-    p.add_argument("--quantizer", choices=QUANTIZER_CHOICES, default="vq", help="quantizer type (8 bits per token)")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--hidden", type=int, default=16, help="conv width of the encoder/decoder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--quantizer", choices=QUANTIZER_CHOICES, default="vq", help="quantizer type, 8 bits per token (default: vq)"
+    )
+    p.add_argument("--steps", type=int, default=400, help="training steps (default: 400)")
+    p.add_argument("--batch-size", type=int, default=128, help="images per step (default: 128)")
+    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (default: 0.003)")
+    p.add_argument("--hidden", type=int, default=16, help="conv width of the encoder/decoder (default: 16)")
+    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=None, help="directory for reconstructions.png and metrics.json")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")

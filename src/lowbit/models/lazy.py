@@ -187,7 +187,8 @@ class LazyModel:
             raise ModelLoadError(f"could not read the config of {self.path}: {exc}") from None
         self.kind = model_kind(config)
         cls = AutoModelForCausalLM if self.kind == "causal-lm" else AutoModel
-        self.dtype = dtype or _config_dtype(config)
+        self.storage_dtype = _config_dtype(config)  # what the checkpoint holds (and the output keeps by default)
+        self.dtype = dtype or self.storage_dtype  # what the skeleton computes in
         with init_empty_weights(include_buffers=False):
             self.model: nn.Module = cls.from_config(config, dtype=self.dtype)
         self.model.eval()
@@ -273,6 +274,17 @@ class LazyModel:
     def release(module: nn.Module) -> None:
         """Drop a module's weights (back to the meta device)."""
         module.to("meta")
+
+
+def compute_dtype(storage: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The dtype to run a checkpoint stored in ``storage`` on ``device``: float16 runs in float32 on
+    the CPU, the rest as stored. CPUs without fp16 arithmetic run fp16 layers far slower than fp32
+    (a 2-core EPYC: linear 60 against 230 GFLOP/s, and AWQ's searches over attention and MLP
+    outputs took 4.7 min against under 1 min on the 6.8M reference model), at no gain in
+    accuracy; bf16 has fast kernels there and stays."""
+    if storage == torch.float16 and torch.device(device).type == "cpu":
+        return torch.float32
+    return storage
 
 
 def _config_dtype(config) -> torch.dtype:

@@ -25,7 +25,8 @@ from ..calibration import CalibrationData
 from ..export.atomic import OutputExistsError, check_output_dir
 from ..export.shards import INDEX, ShardWriter
 from ..models import ModelAdapter
-from ..models.lazy import LazyModel
+from ..models.lazy import LazyModel, compute_dtype
+from ..models.loading import checkpoint_dtype
 from ..recipe import Recipe
 from ..report import QuantizationReport, build_report
 from .memory import return_freed_memory_promptly, trim
@@ -74,7 +75,14 @@ def fingerprint(
         + "/"
         + (held_back.fingerprint() if held_back is not None else "none"),
         "options": digest(
-            json.dumps({"propagate": options.propagate, "batch_size": options.batch_size, "dtype": str(save_dtype)})
+            json.dumps(
+                {
+                    "propagate": options.propagate,
+                    "batch_size": options.batch_size,
+                    "dtype": str(save_dtype),
+                    "compute_dtype": str(lazy.dtype),
+                }
+            )
         ),
         "lowbit version": __version__,
     }
@@ -106,9 +114,10 @@ def quantize_directory(
     # grew by 1.2 GiB during the first greedy generation (depending on how the heap happened to
     # be laid out after the skeleton), and stayed there until the end of the first block.
     return_freed_memory_promptly()
-    lazy = LazyModel(model_dir)
+    storage = checkpoint_dtype(model_dir) or torch.float32
+    lazy = LazyModel(model_dir, dtype=compute_dtype(storage, options.resolved_device()))
     trim()
-    save_dtype = save_dtype or lazy.dtype
+    save_dtype = save_dtype or lazy.storage_dtype
     adapter = ModelAdapter(lazy.model)
     if adapter.unfuse_experts() and adapter.arch.moe is not None:
         moe = adapter.arch.moe
@@ -124,6 +133,7 @@ def quantize_directory(
         save_dtype,
         tokens,
         streaming=True,
+        compute_dtype=lazy.dtype,
         out_dir=out,
         held_back_tokens=held_tokens,
         generate_tokens=options.sanity_generate if held_back is not None else 0,

@@ -168,18 +168,21 @@ def _gib(n: int) -> str:
 
 
 def measured_gflops(dtype: torch.dtype = torch.float32) -> float:
-    """Matrix-multiply throughput of this machine in ``dtype`` (about a tenth of a second to measure).
+    """Throughput of this machine in ``dtype`` for what a model's linear layers do (about a tenth of
+    a second to measure).
 
     1024 x 1024 operands: small ones under-report what a model's matmuls reach by 3-5x on CPUs
-    with bf16 instructions, and bf16 runs there several times faster than fp32.
+    with bf16 instructions, and bf16 runs there several times faster than fp32. Through
+    ``F.linear``, as the layers call it: on CPUs without fp16 arithmetic, ``a @ b`` in fp16 takes
+    a path 40x slower than ``linear`` (1.3 against 60 GFLOP/s on a 2-core EPYC).
     """
     n = 1024
     a = torch.randn(n, n).to(dtype)
     b = torch.randn(n, n).to(dtype)
-    a @ b
+    torch.nn.functional.linear(a, b)
     reps, start = 0, time.perf_counter()
     while reps < 3 or time.perf_counter() - start < 0.05:
-        a @ b
+        torch.nn.functional.linear(a, b)
         reps += 1
     return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 
@@ -194,14 +197,23 @@ def estimate(
     out_dir: Path | None = None,
     held_back_tokens: int = 0,
     generate_tokens: int = 0,
+    compute_dtype: torch.dtype | None = None,
 ) -> Plan:
     """``generate_tokens``: the sanity check's greedy generation, one pass over the weights of the
-    original and one of the quantized model per token."""
+    original and one of the quantized model per token. ``compute_dtype``: what blocks and
+    activations are held and computed in (default: ``storage_dtype``)."""
+    compute_dtype = compute_dtype or storage_dtype
     elem = torch.empty((), dtype=storage_dtype).element_size()
+    compute_elem = torch.empty((), dtype=compute_dtype).element_size()
     layers = []
     for name, mod in targeted.items():
+        # the last step that rounds this layer decides its format (AWQ followed by GPTQ only scales)
         quantizer_step = next(
-            (s for s in steps if s.quantizes_weights and s.config.selects(name) and getattr(s.config, "spec", None)),
+            (
+                s
+                for s in reversed(steps)
+                if s.quantizes_weights and s.config.selects(name) and getattr(s.config, "spec", None)
+            ),
             None,
         )
         if quantizer_step is None:
@@ -217,12 +229,12 @@ def estimate(
     )
     checkpoint = params_total * elem
     block_params = max(sum(p.numel() for p in b.parameters()) for b in adapter.blocks)
-    block_bytes = block_params * elem
+    block_bytes = block_params * compute_elem
     hidden = getattr(adapter.model.config, "hidden_size", 0) or 0
     widest_input = max((layer.shape[1] for layer in layers), default=0)
     largest = max((math.prod(layer.shape) for layer in layers), default=0)
     needs_data = any(s.needs_calibration for s in steps)
-    act = 2 * (calibration_tokens + 2 * held_back_tokens) * hidden * elem if needs_data else 0
+    act = 2 * (calibration_tokens + 2 * held_back_tokens) * hidden * compute_elem if needs_data else 0
     hessian = widest_input * widest_input * 4 if needs_data else 0  # fp32, factorised in place
     work = 2 * largest * 4  # the largest layer's fp32 working copy, and its dequantized result
     # Measured on a 2-core CPU box: imports, tokenizer and model code hold about 0.40 GiB before any
@@ -233,7 +245,8 @@ def estimate(
         # Outside the blocks (the sanity check's generation, writing): one block and the largest of
         # the embeddings and the head, one at a time (all of them if a quantized head stays in memory).
         outside_sizes = [
-            sum(p.numel() for p in m.parameters(recurse=False)) * elem for m in adapter.outside_modules().values()
+            sum(p.numel() for p in m.parameters(recurse=False)) * compute_elem
+            for m in adapter.outside_modules().values()
         ]
         head_targeted = any(not name.startswith(adapter.blocks_path + ".") for name in targeted)
         outside_peak = sum(outside_sizes) if head_targeted else max(outside_sizes, default=0)
@@ -241,8 +254,9 @@ def estimate(
     else:
         peak = int(runtime + checkpoint + act + hessian + work)
     disk = checkpoint + (act if streaming else 0)
-    model_rate = measured_gflops(storage_dtype)  # calibration forwards run in the model's dtype
     fp32_rate = measured_gflops(torch.float32)  # GPTQ's linear algebra
+    # calibration forwards run in the model's dtype
+    model_rate = fp32_rate if compute_dtype == torch.float32 else measured_gflops(compute_dtype)
     forward_flops = gptq_flops = 0.0
     if needs_data:
         passes = 1 + sum(3 if s.name in ("gptq", "awq") else 1 for s in steps if s.needs_calibration)
@@ -253,8 +267,11 @@ def estimate(
         gptq_flops += sum(2 * layer.shape[0] * layer.shape[1] ** 2 + layer.shape[1] ** 3 for layer in layers)
     seconds = forward_flops / (model_rate * 1e9) + gptq_flops / (fp32_rate * 1e9)
     seconds += quantized_numel / 50e6  # rounding and bookkeeping per weight
-    dtype_name = str(storage_dtype).removeprefix("torch.")
-    notes = [f"{model_rate:.0f} GFLOP/s ({dtype_name}) and {fp32_rate:.0f} GFLOP/s (float32) measured on this machine"]
+    dtype_name = str(compute_dtype).removeprefix("torch.")
+    rates = f"{fp32_rate:.0f} GFLOP/s (float32)"
+    if compute_dtype != torch.float32:
+        rates = f"{model_rate:.0f} GFLOP/s ({dtype_name}) and " + rates
+    notes = [f"{rates} measured on this machine"]
     if generate_tokens:
         # streamed runs read every block again per token (about 1 GB/s from disk or page cache)
         per_pass = checkpoint / 1e9 if streaming else 0.0

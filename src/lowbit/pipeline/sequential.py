@@ -251,7 +251,11 @@ def run_pipeline(
                 fp_outputs = unit.run() if inputs is not None and options.propagate == "fp" else None
             for step in steps:
                 progress.update(f"block {index + 1}/{len(adapter)}: {step.name}")
-                step.apply(unit)
+                try:
+                    step.apply(unit)
+                except Exception as exc:  # the type stays; the message gains where it happened
+                    exc.add_note(f"in step '{step.name}' on {name}")
+                    raise
             if inputs is not None:
                 if fp_outputs is None:
                     with _count_routing(

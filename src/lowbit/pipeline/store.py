@@ -54,7 +54,7 @@ class StreamingStore:
     def __init__(self, lazy: LazyModel, writer: ShardWriter, save_dtype: torch.dtype | None = None):
         self.lazy = lazy
         self.writer = writer
-        self.save_dtype = save_dtype or lazy.dtype
+        self.save_dtype = save_dtype or lazy.storage_dtype
 
     def load_outside(self, adapter: ModelAdapter) -> None:
         """What runs before the first block (embeddings), for capturing that block's inputs; the
