@@ -6,6 +6,7 @@ import resource
 import sys
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Column
 
 
 def peak_rss_bytes() -> int:
@@ -34,7 +35,10 @@ class ProgressReporter:
                 TextColumn("ETA"),
                 TimeRemainingColumn(),
                 TextColumn("peak {task.fields[mem]}"),
-                TextColumn("{task.fields[status]}"),
+                # the status (a layer name) gives way first on a narrow terminal, not the bar and the ETA
+                TextColumn(
+                    "{task.fields[status]}", table_column=Column(no_wrap=True, overflow="ellipsis", max_width=24)
+                ),
                 transient=False,
             )
             self._progress.__enter__()
