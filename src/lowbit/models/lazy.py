@@ -175,7 +175,9 @@ def _read_tensor(f, path: Path, key: str, entry: dict | None, data_start: int) -
 class LazyModel:
     """A model skeleton whose weights are loaded module by module."""
 
-    def __init__(self, path: str | Path, dtype: torch.dtype | None = None):
+    def __init__(self, path: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        """``dtype``: what the skeleton computes in; by default the checkpoint's own dtype, or, given the
+        ``device`` the blocks will run on, :func:`compute_dtype` of it."""
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
@@ -188,7 +190,9 @@ class LazyModel:
         self.kind = model_kind(config)
         cls = AutoModelForCausalLM if self.kind == "causal-lm" else AutoModel
         self.storage_dtype = _config_dtype(config)  # what the checkpoint holds (and the output keeps by default)
-        self.dtype = dtype or self.storage_dtype  # what the skeleton computes in
+        if dtype is None:
+            dtype = self.storage_dtype if device is None else compute_dtype(self.storage_dtype, device)
+        self.dtype = dtype  # what the skeleton computes in
         with init_empty_weights(include_buffers=False):
             self.model: nn.Module = cls.from_config(config, dtype=self.dtype)
         self.model.eval()

@@ -25,8 +25,7 @@ from ..calibration import CalibrationData
 from ..export.atomic import OutputExistsError, check_output_dir
 from ..export.shards import INDEX, ShardWriter
 from ..models import ModelAdapter
-from ..models.lazy import LazyModel, compute_dtype
-from ..models.loading import checkpoint_dtype
+from ..models.lazy import LazyModel
 from ..recipe import Recipe
 from ..report import QuantizationReport, build_report
 from .memory import return_freed_memory_promptly, trim
@@ -114,8 +113,7 @@ def quantize_directory(
     # grew by 1.2 GiB during the first greedy generation (depending on how the heap happened to
     # be laid out after the skeleton), and stayed there until the end of the first block.
     return_freed_memory_promptly()
-    storage = checkpoint_dtype(model_dir) or torch.float32
-    lazy = LazyModel(model_dir, dtype=compute_dtype(storage, options.resolved_device()))
+    lazy = LazyModel(model_dir, device=options.resolved_device())
     trim()
     save_dtype = save_dtype or lazy.storage_dtype
     adapter = ModelAdapter(lazy.model)
