@@ -278,3 +278,22 @@ def test_float16_checkpoints_compute_in_float32_on_the_cpu(tmp_path):
     plan = quantize_checkpoint(model, [RTN(format="int4", group_size=32)], tmp_path / "out", dry_run=True).plan
     assert "float16" not in " ".join(plan.notes)
     assert plan.checkpoint_bytes == sum(p.numel() for p in lazy.model.parameters()) * 2
+
+
+def test_a_run_failing_before_any_block_finishes_leaves_nothing_behind(tmp_path, capsys):
+    """NaN weights are found when their block is read; with no finished block there is nothing to resume, so
+    neither the output nor its hidden progress directory remains."""
+    from safetensors.torch import save_file
+
+    from lowbit.cli import main
+
+    model = save_tiny_lm(tmp_path / "m")
+    shard = next(model.glob("*.safetensors"))
+    tensors = load_file(shard)
+    name = next(k for k in tensors if "layers.0.self_attn.q_proj" in k)
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, shard, metadata={"format": "pt"})
+    out = tmp_path / "out"
+    assert main(["quantize", str(model), "--method", "gptq", "--group-size", "32", "--out", str(out)]) == 2
+    assert "q_proj has 1 NaN/Inf weights" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

@@ -149,9 +149,14 @@ def quantize_directory(
     if resume is not None:
         writer.adopt_existing()
     store = StreamingStore(lazy, writer, save_dtype)
-    result = run_pipeline(
-        lazy.model, recipe.steps, calibration, options, held_back=held_back, store=store, run_dir=run_dir
-    )
+    try:
+        result = run_pipeline(
+            lazy.model, recipe.steps, calibration, options, held_back=held_back, store=store, run_dir=run_dir
+        )
+    except BaseException:
+        if not run_dir.run_file.exists():  # no block finished: nothing to resume, leave nothing behind
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     if result.sanity is not None:
         result.sanity.decode(tokenizer)
     report = build_report(lazy.model, result.state, time.perf_counter() - start, storage_dtype=save_dtype)
