@@ -16,20 +16,24 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from ..formats import QParams, QuantizedTensor, Quantizer
 from ..models import weight_of
 from .base import Step, WeightQuantConfig, register_step
 from .hessian import (
+    Hessian,
     HessianAccumulator,
     HessianNotPositiveDefinite,
+    diagonal,
     inverse_cholesky_factor,
     mean_diagonal,
     output_error,
     permute_rows_,
     permute_symmetric_,
 )
+from .packed import PackedSymmetric
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,10 @@ class GPTQConfig(WeightQuantConfig):
             quantized data-free with ``fallback`` instead.
         fallback: the data-free method for those layers (``hqq`` needs an asymmetric integer
             format; otherwise ``rtn`` is used).
+        max_working_mib: bound on GPTQ's float32 working copy of a weight; larger weights are
+            quantized a band of rows at a time (same result: rows are independent given the
+            factor). ``None``: 16 MiB on the CPU (the largest layers of a 1B model then take three
+            passes), no bound on accelerators, where the per-column work of extra passes costs more.
     """
 
     block_size: int = 128
@@ -64,6 +72,7 @@ class GPTQConfig(WeightQuantConfig):
     damping_retries: int = 4
     min_tokens: int = 16
     fallback: Literal["rtn", "hqq"] = "rtn"
+    max_working_mib: float | None = Field(default=None, gt=0)
 
 
 @dataclass
@@ -76,7 +85,7 @@ class GPTQResult:
 
 def gptq_quantize(
     weight: torch.Tensor,
-    H: torch.Tensor,
+    H: Hessian,
     quantizer: Quantizer,
     block_size: int = 128,
     dampening: float = 0.01,
@@ -84,84 +93,97 @@ def gptq_quantize(
     static_groups: bool = False,
     damping_retries: int = 4,
     overwrite_hessian: bool = False,
+    max_working_mib: float | None = None,
 ) -> GPTQResult:
     """Quantize ``weight`` (``[out, in]``) given the input Hessian ``H`` (``[in, in]``).
 
-    ``overwrite_hessian=True`` lets the algorithm use ``H`` as scratch memory instead of copying it.
+    ``H`` may be packed (:class:`~.packed.PackedSymmetric`, on the CPU): the algorithm then
+    works on the triangle. ``overwrite_hessian=True`` lets it use ``H`` as scratch memory
+    instead of copying it. ``max_working_mib`` bounds the float32 working copy of the weight:
+    rows are then quantized in several passes over the same factor (GPTQ treats rows
+    independently; only per-tensor scales need every row, and then there is one pass).
     """
     rows, cols = weight.shape
     spec = quantizer.spec
     gs = quantizer.group_size_for(cols) if spec.granularity == "group" else None
-    H = H.detach().to(weight.device, torch.float32)
-    if not overwrite_hessian:
-        H = H.clone()
-    # Work on the transpose: a column of W is then a contiguous row, and the rank-1 updates
-    # touch contiguous memory (several times faster than updating column slices).
-    Wt = torch.empty(cols, rows, dtype=torch.float32, device=weight.device).copy_(weight.detach().T)
+    packed = isinstance(H, PackedSymmetric)
+    if packed:
+        if weight.device.type != "cpu":
+            raise ValueError("a packed Hessian needs the weight on the CPU")
+        if H.dtype != torch.float32:
+            H = PackedSymmetric(H.n, H.data.float())
+        elif not overwrite_hessian:
+            H = H.clone()
+    else:
+        H = H.detach().to(weight.device, torch.float32)
+        if not overwrite_hessian:
+            H = H.clone()
 
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    Wt[dead] = 0.0  # inputs that are always zero: their weights never matter (as the reference does)
-
-    global_scale = quantizer.global_scale_for(Wt)
-    # Per-channel/tensor parameters, or static groups: from the original weights, up front.
-    fixed = quantizer.find_params(quantizer.group_view(Wt.T), global_scale) if gs is None or static_groups else None
-
+    dead = diagonal(H) == 0
+    if packed:
+        H.set_diagonal_(dead, 1.0)
+    else:
+        H[dead, dead] = 1.0
     perm = None
     if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        permute_rows_(Wt, perm)
-        permute_symmetric_(H, perm)
+        perm = torch.argsort(diagonal(H), descending=True)
+        if packed:
+            H.permute_(perm)
+        else:
+            permute_symmetric_(H, perm)
     U, damp_used = inverse_cholesky_factor(H, dampening, damping_retries)
     del H
     log.debug("inverse Hessian factor ready (%d columns)", cols)
 
-    n_groups = cols // gs if gs else 1
-    scale = torch.zeros(rows if spec.granularity != "tensor" else 1, n_groups, device=Wt.device)
-    zero = torch.zeros_like(scale) if spec.has_zero_point else None
-    group_of_col = torch.zeros(cols, dtype=torch.long, device=Wt.device)
-    losses = torch.zeros(cols, dtype=torch.float64, device=Wt.device)
-    codes_t = torch.zeros(cols, rows, dtype=torch.uint8, device=Wt.device)
-    current: QParams | None = None
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        W1 = Wt[i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if gs is None:
-                p, g = fixed, 0
-            elif fixed is not None:  # static groups: the column's own (original-order) group
-                g = int(perm[col]) // gs if perm is not None else col // gs
-                p = fixed.select(slice(g, g + 1))
-            else:
-                g = col // gs
-                if col % gs == 0:  # a new group: parameters from the current, already-updated weights
-                    window = W1[i : i + gs]
-                    if window.shape[0] < gs:
-                        window = torch.cat([window, Wt[i2 : col + gs]], dim=0)
-                    current = quantizer.find_params(window.T.unsqueeze(1), global_scale)
-                    scale[:, g] = current.scale[:, 0, 0]
-                    if zero is not None:
-                        zero[:, g] = current.zero[:, 0, 0]
-                p = current
-            group_of_col[col] = g
-            w = W1[i]
-            colp = QParams(p.scale[:, 0], None if p.zero is None else p.zero[:, 0], p.global_scale)
-            c = quantizer.encode(w.unsqueeze(1), colp)[:, 0]
-            q = quantizer.decode(c.unsqueeze(1), colp)[:, 0]
-            codes_t[col] = c
-            err = (w - q) / U1[i, i]
-            W1[i:].addr_(U1[i, i:], err, alpha=-1.0)
-            Err1[i] = err
-        losses[i1:i2] = Err1.double().pow(2).sum(dim=1)  # once per block, not per column
-        Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)
-    del Wt, U
+    rows_per_pass = rows
+    if spec.granularity != "tensor" and max_working_mib is not None:
+        rows_per_pass = max(1, min(rows, int(max_working_mib * 2**20) // (4 * cols)))
+    # inputs that are always zero: their weights never matter (as the reference does)
+    global_scale = quantizer.global_scale_for(weight.detach()[:, ~dead]) if spec.global_scale else None
+    fixed_params = gs is None or static_groups
 
-    if fixed is not None:
-        scale = fixed.scale[..., 0]
-        zero = None if fixed.zero is None else fixed.zero[..., 0]
+    n_groups = cols // gs if gs else 1
+    scale = torch.zeros(rows if spec.granularity != "tensor" else 1, n_groups, device=weight.device)
+    zero = torch.zeros_like(scale) if spec.has_zero_point else None
+    group_of_col = torch.zeros(cols, dtype=torch.long, device=weight.device)
+    losses = torch.zeros(cols, dtype=torch.float64, device=weight.device)
+    codes_t = torch.zeros(cols, rows, dtype=torch.uint8, device=weight.device)
+    for r0 in range(0, rows, rows_per_pass):
+        r1 = min(r0 + rows_per_pass, rows)
+        # Work on the transpose: a column of W is then a contiguous row, and the rank-1 updates
+        # touch contiguous memory (several times faster than updating column slices).
+        Wt = torch.empty(cols, r1 - r0, dtype=torch.float32, device=weight.device)
+        Wt.copy_(weight.detach()[r0:r1].T)
+        Wt[dead] = 0.0
+        fixed = None
+        if fixed_params:  # per-channel/tensor parameters, or static groups: from the original weights
+            fixed = quantizer.find_params(quantizer.group_view(Wt.T), global_scale)
+            scale[r0 : r0 + fixed.scale.shape[0]] = fixed.scale[..., 0]
+            if zero is not None:
+                zero[r0 : r0 + fixed.zero.shape[0]] = fixed.zero[..., 0]
+        if perm is not None:
+            permute_rows_(Wt, perm)
+        _quantize_rows(
+            Wt,
+            U,
+            packed,
+            quantizer,
+            block_size,
+            gs,
+            perm,
+            fixed,
+            global_scale,
+            r0,
+            r1,
+            scale,
+            zero,
+            group_of_col,
+            losses,
+            codes_t,
+        )
+        del Wt
+    del U
+
     g_idx = None
     if perm is not None:
         codes_t = codes_t[torch.argsort(perm)]
@@ -179,17 +201,80 @@ def gptq_quantize(
     return GPTQResult(qtensor, damp_used, float(losses.sum()))
 
 
-def _rtn_and_base_errors(W: torch.Tensor, H: torch.Tensor, quantizer: Quantizer, chunk: int = 512):
+def _quantize_rows(
+    Wt,
+    U,
+    packed,
+    quantizer,
+    block_size,
+    gs,
+    perm,
+    fixed,
+    global_scale,
+    r0,
+    r1,
+    scale,
+    zero,
+    group_of_col,
+    losses,
+    codes_t,
+) -> None:
+    """GPTQ's column walk over rows ``r0:r1`` (``Wt`` holds them transposed and permuted)."""
+    cols = Wt.shape[0]
+    current: QParams | None = None
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = Wt[i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U_rows = U.factor_rows(i1, i2) if packed else U[i1:i2, i1:]  # U[i1:i2, i1:]
+        U1 = U_rows[:, : i2 - i1]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if gs is None:
+                p, g = fixed, 0
+            elif fixed is not None:  # static groups: the column's own (original-order) group
+                g = int(perm[col]) // gs if perm is not None else col // gs
+                p = fixed.select(slice(g, g + 1))
+            else:
+                g = col // gs
+                if col % gs == 0:  # a new group: parameters from the current, already-updated weights
+                    window = W1[i : i + gs]
+                    if window.shape[0] < gs:
+                        window = torch.cat([window, Wt[i2 : col + gs]], dim=0)
+                    current = quantizer.find_params(window.T.unsqueeze(1), global_scale)
+                    scale[r0:r1, g] = current.scale[:, 0, 0]
+                    if zero is not None:
+                        zero[r0:r1, g] = current.zero[:, 0, 0]
+                p = current
+            group_of_col[col] = g
+            w = W1[i]
+            colp = QParams(p.scale[:, 0], None if p.zero is None else p.zero[:, 0], p.global_scale)
+            c = quantizer.encode(w.unsqueeze(1), colp)[:, 0]
+            q = quantizer.decode(c.unsqueeze(1), colp)[:, 0]
+            codes_t[col, r0:r1] = c
+            err = (w - q) / U1[i, i]
+            W1[i:].addr_(U1[i, i:], err, alpha=-1.0)
+            Err1[i] = err
+        losses[i1:i2] += Err1.double().pow(2).sum(dim=1)  # once per block, not per column
+        Wt[i2:].addmm_(U_rows[:, i2 - i1 :].T, Err1, alpha=-1.0)
+
+
+def _rtn_and_base_errors(W: torch.Tensor, H: Hessian, quantizer: Quantizer, chunk: int = 256):
     """RTN's output error and squared norm, and the weight's own, a few rows at a time (scales are
     per row or per group of a row, so rows quantize independently; per-tensor scales need all rows)."""
     step = W.shape[0] if quantizer.spec.granularity == "tensor" else chunk
+    packed = isinstance(H, PackedSymmetric)
     rtn_err = rtn_norm = base_err = base_norm = 0.0
     for rows in W.split(step):
         w = rows.float()
         delta = w - quantizer.dequantize(quantizer.quantize(w)).to(w.device)
-        rtn_err += output_error(delta, H)
+        if packed:  # a packed H is gathered band by band: once for both matrices
+            e_rtn, e_base = H.quadratic_forms(delta, w)
+            rtn_err, base_err = rtn_err + e_rtn, base_err + e_base
+        else:
+            rtn_err += output_error(delta, H)
+            base_err += output_error(w, H)
         rtn_norm += float(delta.pow(2).sum())
-        base_err += output_error(w, H)
         base_norm += float(w.pow(2).sum())
     return rtn_err, rtn_norm, base_err, base_norm
 
@@ -282,6 +367,7 @@ class GPTQ(Step):
                 cfg.static_groups,
                 cfg.damping_retries,
                 overwrite_hessian=last,
+                max_working_mib=cfg.max_working_mib or (16.0 if W.device.type == "cpu" else None),
             )
         except HessianNotPositiveDefinite as exc:
             log.warning("%s: %s; falling back to RTN", name, exc)

@@ -4,42 +4,79 @@
 running mean so that the scale does not depend on how tokens were batched. Also the in-place
 linear algebra GPTQ-style methods run on it (the upper Cholesky factor of the damped inverse,
 symmetric permutations), written so that the largest Hessian of a big model is never copied.
+Wide Hessians on the CPU are kept as one triangle (:class:`~.packed.PackedSymmetric`): half the
+memory of the largest tensor of a GPTQ run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 
 import torch
 
+from .packed import PackedSymmetric
+
 log = logging.getLogger(__name__)
+
+#: From this many columns on (a 64 MiB fp32 Hessian), CPU Hessians are packed (one triangle) and
+#: factorised in place.
+PACKED_MIN_COLUMNS = 4096
+
+Hessian = torch.Tensor | PackedSymmetric
 
 
 class HessianAccumulator:
-    def __init__(self, columns: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        self.H = torch.zeros(columns, columns, device=device, dtype=dtype)
+    """Running ``2/n X^T X``. ``packed=None`` packs wide CPU Hessians (``PACKED_MIN_COLUMNS``)."""
+
+    def __init__(
+        self,
+        columns: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        packed: bool | None = None,
+    ):
+        on_cpu = torch.device(device).type == "cpu"
+        if packed is None:
+            packed = on_cpu and columns >= PACKED_MIN_COLUMNS
+        if packed and not on_cpu:
+            raise ValueError("packed Hessians live on the CPU (LAPACK); use packed=False on other devices")
+        self.H: Hessian = (
+            PackedSymmetric(columns, dtype=dtype)
+            if packed
+            else torch.zeros(columns, columns, device=device, dtype=dtype)
+        )
         self.tokens = 0
 
-    def add(self, x: torch.Tensor, chunk: int = 1024) -> None:
-        # A few tokens at a time: the float32 copy of a whole batch of wide inputs (an MLP's
-        # intermediate activations) would be as large as the Hessian itself.
-        for part in x.detach().reshape(-1, self.H.shape[0]).split(chunk):
+    def add(self, x: torch.Tensor, chunk_mib: float = 8.0) -> None:
+        # A few tokens at a time (8 MiB of float32): the float32 copy of a whole batch of wide
+        # inputs (an MLP's intermediate activations) would be as large as the Hessian itself.
+        columns = self.H.shape[0]
+        chunk = max(1, int(chunk_mib * 2**20) // (4 * columns))
+        for part in x.detach().reshape(-1, columns).split(chunk):
             part = part.to(device=self.H.device, dtype=self.H.dtype)
             m = part.shape[0]
-            self.H.mul_(self.tokens / (self.tokens + m))
+            keep = self.tokens / (self.tokens + m)
             self.tokens += m
-            self.H.addmm_(part.T, part, alpha=2.0 / self.tokens)  # no scaled copy of x
+            if isinstance(self.H, PackedSymmetric):
+                self.H.rank_update_(part, alpha=2.0 / self.tokens, beta=keep)
+            else:
+                self.H.mul_(keep)
+                self.H.addmm_(part.T, part, alpha=2.0 / self.tokens)  # no scaled copy of x
 
-    def take(self) -> torch.Tensor:
+    def take(self) -> Hessian:
         """Hand over ``H`` (the accumulator no longer holds it), so the taker may overwrite it."""
         H, self.H = self.H, None
         return H
 
 
-def output_error(delta: torch.Tensor, H: torch.Tensor, chunk: int = 256) -> float:
+def output_error(delta: torch.Tensor, H: Hessian, chunk: int = 256) -> float:
     """``tr(delta H delta^T)``: the summed squared output error of a weight change ``delta``
     on the calibration inputs (up to the factor 2/n folded into ``H``). Rows are processed in
     chunks so that no second matrix of ``delta``'s size is needed."""
+    if isinstance(H, PackedSymmetric):
+        return H.quadratic_forms(delta)[0]
     total = 0.0
     for rows in delta.split(chunk):
         d = rows.to(device=H.device, dtype=H.dtype)
@@ -47,9 +84,13 @@ def output_error(delta: torch.Tensor, H: torch.Tensor, chunk: int = 256) -> floa
     return total
 
 
-def mean_diagonal(H: torch.Tensor) -> float:
+def diagonal(H: Hessian) -> torch.Tensor:
+    return H.diagonal() if isinstance(H, PackedSymmetric) else torch.diag(H)
+
+
+def mean_diagonal(H: Hessian) -> float:
     """Mean of ``diag(H)`` after GPTQ's fix of dead inputs (a zero diagonal entry counts as 1)."""
-    d = torch.diag(H)
+    d = diagonal(H)
     return float(torch.where(d == 0, torch.ones_like(d), d).mean())
 
 
@@ -57,25 +98,25 @@ class HessianNotPositiveDefinite(RuntimeError):
     pass
 
 
-# From this many columns on (a 64 MiB fp32 Hessian), CPU factorisations run in place.
-IN_PLACE_MIN_COLUMNS = 4096
-
-
 def inverse_cholesky_factor(
-    H: torch.Tensor, dampening: float, retries: int, in_place: bool | None = None
-) -> tuple[torch.Tensor, float]:
+    H: Hessian, dampening: float, retries: int, in_place: bool | None = None
+) -> tuple[Hessian, float]:
     """Upper Cholesky factor of ``(H + damp I)^-1``, raising the damping until it exists.
 
-    Consumes ``H``. For large Hessians on the CPU (``in_place=None``: from
-    ``IN_PLACE_MIN_COLUMNS`` on) the three factorisations run in place in ``H``'s own memory
+    Consumes ``H``. A packed ``H`` is factorised in place and returned holding the transpose of
+    the factor (read its rows with :meth:`~.packed.PackedSymmetric.factor_rows`). For large dense
+    Hessians on the CPU (``in_place=None``: from ``PACKED_MIN_COLUMNS`` on) the three
+    factorisations run in place in ``H``'s own memory
     (LAPACK through scipy; torch's linalg always allocates a second matrix), so the Hessian of the
     largest layer of a big model is never held twice. Smaller ones use torch: scipy's OpenBLAS
     threads keep spinning after each call and slowed the next torch operations down, which on a
     model of many small layers cost 20% of a GPTQ run, for a copy worth a few MiB.
     """
-    mean_diag = float(torch.mean(torch.diag(H)))
+    mean_diag = float(torch.mean(diagonal(H)))
+    if isinstance(H, PackedSymmetric):
+        return _inverse_cholesky_packed(H, mean_diag, dampening, retries)
     if in_place is None:
-        in_place = H.shape[0] >= IN_PLACE_MIN_COLUMNS
+        in_place = H.shape[0] >= PACKED_MIN_COLUMNS
     if in_place and H.device.type == "cpu" and H.dtype in (torch.float32, torch.float64) and H.is_contiguous():
         return _inverse_cholesky_in_place(H, mean_diag, dampening, retries)
     damp, added = dampening, 0.0
@@ -127,6 +168,29 @@ def _inverse_cholesky_in_place(
         if attempt < retries:
             log.info("Hessian not positive definite with dampening %.3g; retrying with %.3g", damp, damp * 10)
             damp *= 10
+    raise HessianNotPositiveDefinite(f"Hessian not positive definite even with dampening {damp:.3g}")
+
+
+def _inverse_cholesky_packed(
+    H: PackedSymmetric, mean_diag: float, dampening: float, retries: int
+) -> tuple[PackedSymmetric, float]:
+    # The factorisations overwrite the only copy of the Hessian. A retry needs it back, so it
+    # waits in a temporary file (TMPDIR), not in memory: a second copy would cost what packing saved.
+    with tempfile.TemporaryFile() if retries > 0 else contextlib.nullcontext() as backup:
+        if backup is not None:
+            H.save(backup)
+        damp = dampening
+        for attempt in range(retries + 1):
+            if attempt > 0:
+                H.restore_(backup)
+            H.add_to_diagonal_(damp * mean_diag)
+            # the factor L' of H^-1 = L' L'^T is the transpose of the upper factor GPTQ walks
+            ok = H.cholesky_() == 0 and H.cholesky_inverse_() == 0 and H.cholesky_() == 0
+            if ok and bool(torch.isfinite(H.data.sum())):  # a sum allocates nothing
+                return H, damp
+            if attempt < retries:
+                log.info("Hessian not positive definite with dampening %.3g; retrying with %.3g", damp, damp * 10)
+                damp *= 10
     raise HessianNotPositiveDefinite(f"Hessian not positive definite even with dampening {damp:.3g}")
 
 
