@@ -38,6 +38,12 @@ def main() -> None:
     p.add_argument("--method", choices=["rtn", "gptq"], default="gptq")
     p.add_argument("--n-samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=4,
+        help="calibration sequences per forward pass (the block forward's temporaries grow with it)",
+    )
     p.add_argument("--out", default="/tmp/lowbit-memory-out")
     p.add_argument("--render", action="store_true", help="only write results/memory_scaling.md from the jsonl rows")
     p.add_argument(
@@ -65,7 +71,7 @@ def main() -> None:
     model_dir = Path(args.model)
     size = checkpoint_bytes(model_dir)
     step = (GPTQ if args.method == "gptq" else RTN)(format="int4", group_size=128, symmetric=False)
-    options = PipelineOptions(progress=True, sanity_samples=2, batch_size=4)
+    options = PipelineOptions(progress=True, sanity_samples=2, batch_size=args.batch_size)
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
@@ -89,6 +95,7 @@ def main() -> None:
         "mode": args.mode,
         "method": args.method,
         "calibration": f"{args.n_samples} x {args.seq_len}",
+        "batch_size": args.batch_size,
         "checkpoint_gib": size / 2**30,
         "peak_rss_gib": peak / 2**30,
         "peak_over_checkpoint": peak / size,
@@ -119,7 +126,7 @@ def partial_run(args) -> None:
     shutil.rmtree(work, ignore_errors=True)
     cmd = [sys.executable, "-m", "lowbit", "quantize", str(model_dir), "--out", str(out), "--method", args.method]
     cmd += ["--bits", "4", "--group-size", "128", "--asymmetric", "--n-samples", str(args.n_samples)]
-    cmd += ["--seq-len", str(args.seq_len), "--batch-size", "4", "--sanity-samples", "2", "--force"]
+    cmd += ["--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--sanity-samples", "2", "--force"]
     start = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done_at: list[float] = []
@@ -148,6 +155,7 @@ def partial_run(args) -> None:
         "mode": "streaming",
         "method": args.method,
         "calibration": f"{args.n_samples} x {args.seq_len}",
+        "batch_size": args.batch_size,
         "checkpoint_gib": size / 2**30,
         "peak_rss_gib": peak_kib / 2**20,
         "peak_over_checkpoint": peak_kib * 1024 / size,
@@ -174,7 +182,8 @@ def render() -> None:
     latest = {}
     for line in (RESULTS / "memory_scaling.jsonl").read_text().splitlines():
         row = json.loads(line)
-        latest[(row["model"], row["mode"], row["method"], row.get("partial", False))] = row
+        row.setdefault("batch_size", 4)  # rows from before the option existed all used 4
+        latest[(row["model"], row["mode"], row["method"], row.get("partial", False), row["batch_size"])] = row
     rows = []
     for row in latest.values():
         rows.append(
@@ -182,7 +191,7 @@ def render() -> None:
                 "model": Path(row["model"]).name,
                 "mode": row["mode"] + (f" (first {row['blocks_done']} blocks)" if row.get("partial") else ""),
                 "method": row["method"] + " int4 g128",
-                "calibration": row["calibration"] if row["method"] != "rtn" else "-",
+                "calibration": f"{row['calibration']}, batch {row['batch_size']}" if row["method"] != "rtn" else "-",
                 "checkpoint GiB": row["checkpoint_gib"],
                 "peak RSS GiB": row["peak_rss_gib"],
                 "peak / checkpoint": row["peak_over_checkpoint"],

@@ -27,6 +27,7 @@ from .hessian import (
     HessianAccumulator,
     HessianNotPositiveDefinite,
     diagonal,
+    hessian_nbytes,
     inverse_cholesky_factor,
     mean_diagonal,
     output_error,
@@ -59,9 +60,10 @@ class GPTQConfig(WeightQuantConfig):
         fallback: the data-free method for those layers (``hqq`` needs an asymmetric integer
             format; otherwise ``rtn`` is used).
         max_working_mib: bound on GPTQ's float32 working copy of a weight; larger weights are
-            quantized a band of rows at a time (same result: rows are independent given the
-            factor). ``None``: 16 MiB on the CPU (the largest layers of a 1B model then take three
-            passes), no bound on accelerators, where the per-column work of extra passes costs more.
+            quantized a band of rows at a time (same codes: rows are independent given the
+            factor; each extra pass repeats the per-column work). ``None``: only where it lowers
+            the block's peak: a layer's working copy may add at most a quarter of the block's
+            largest Hessian to its own Hessian (in a Llama, down_proj takes 3 passes, the others one).
     """
 
     block_size: int = 128
@@ -135,9 +137,7 @@ def gptq_quantize(
     del H
     log.debug("inverse Hessian factor ready (%d columns)", cols)
 
-    rows_per_pass = rows
-    if spec.granularity != "tensor" and max_working_mib is not None:
-        rows_per_pass = max(1, min(rows, int(max_working_mib * 2**20) // (4 * cols)))
+    rows_per_pass = rows_within(weight.shape, max_working_mib) if spec.granularity != "tensor" else rows
     # inputs that are always zero: their weights never matter (as the reference does)
     global_scale = quantizer.global_scale_for(weight.detach()[:, ~dead]) if spec.global_scale else None
     fixed_params = gs is None or static_groups
@@ -145,7 +145,7 @@ def gptq_quantize(
     n_groups = cols // gs if gs else 1
     scale = torch.zeros(rows if spec.granularity != "tensor" else 1, n_groups, device=weight.device)
     zero = torch.zeros_like(scale) if spec.has_zero_point else None
-    group_of_col = torch.zeros(cols, dtype=torch.long, device=weight.device)
+    group_of_col = [0] * cols
     losses = torch.zeros(cols, dtype=torch.float64, device=weight.device)
     codes_t = torch.zeros(cols, rows, dtype=torch.uint8, device=weight.device)
     for r0 in range(0, rows, rows_per_pass):
@@ -188,7 +188,7 @@ def gptq_quantize(
     if perm is not None:
         codes_t = codes_t[torch.argsort(perm)]
         if gs is not None and not static_groups:
-            g_idx = group_of_col[torch.argsort(perm)].to(torch.int32)
+            g_idx = torch.tensor(group_of_col, dtype=torch.int32, device=weight.device)[torch.argsort(perm)]
     qtensor = QuantizedTensor(
         codes=codes_t.T.contiguous(),
         scale=scale,
@@ -222,19 +222,26 @@ def _quantize_rows(
     """GPTQ's column walk over rows ``r0:r1`` (``Wt`` holds them transposed and permuted)."""
     cols = Wt.shape[0]
     current: QParams | None = None
+    order = perm.tolist() if perm is not None else None
+    if fixed is not None:  # each group's parameters as one column needs them, sliced once
+        per_group = [
+            QParams(fixed.scale[:, g], None if fixed.zero is None else fixed.zero[:, g], fixed.global_scale)
+            for g in range(fixed.scale.shape[1])
+        ]
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1 = Wt[i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         U_rows = U.factor_rows(i1, i2) if packed else U[i1:i2, i1:]  # U[i1:i2, i1:]
         U1 = U_rows[:, : i2 - i1]
+        pivots = U1.diagonal().tolist()
         for i in range(i2 - i1):
             col = i1 + i
             if gs is None:
-                p, g = fixed, 0
+                colp, g = per_group[0], 0
             elif fixed is not None:  # static groups: the column's own (original-order) group
-                g = int(perm[col]) // gs if perm is not None else col // gs
-                p = fixed.select(slice(g, g + 1))
+                g = (order[col] if order is not None else col) // gs
+                colp = per_group[g]
             else:
                 g = col // gs
                 if col % gs == 0:  # a new group: parameters from the current, already-updated weights
@@ -245,30 +252,46 @@ def _quantize_rows(
                     scale[r0:r1, g] = current.scale[:, 0, 0]
                     if zero is not None:
                         zero[r0:r1, g] = current.zero[:, 0, 0]
-                p = current
+                    colp = QParams(
+                        current.scale[:, 0], None if current.zero is None else current.zero[:, 0], global_scale
+                    )
             group_of_col[col] = g
             w = W1[i]
-            colp = QParams(p.scale[:, 0], None if p.zero is None else p.zero[:, 0], p.global_scale)
             c = quantizer.encode(w.unsqueeze(1), colp)[:, 0]
             q = quantizer.decode(c.unsqueeze(1), colp)[:, 0]
             codes_t[col, r0:r1] = c
-            err = (w - q) / U1[i, i]
+            err = Err1[i]
+            torch.sub(w, q, out=err).div_(pivots[i])
             W1[i:].addr_(U1[i, i:], err, alpha=-1.0)
-            Err1[i] = err
         losses[i1:i2] += Err1.double().pow(2).sum(dim=1)  # once per block, not per column
         Wt[i2:].addmm_(U_rows[:, i2 - i1 :].T, Err1, alpha=-1.0)
 
 
-def _rtn_and_base_errors(W: torch.Tensor, H: Hessian, quantizer: Quantizer, chunk: int = 256):
-    """RTN's output error and squared norm, and the weight's own, a few rows at a time (scales are
-    per row or per group of a row, so rows quantize independently; per-tensor scales need all rows)."""
+def rows_within(shape: tuple[int, int], mib: float | None) -> int:
+    """How many rows of a ``shape`` weight fit in ``mib`` MiB of float32 (all without a bound)."""
+    rows, cols = shape
+    return rows if mib is None else max(1, min(rows, int(mib * 2**20) // (4 * cols)))
+
+
+def working_bound_mib(H: Hessian, largest_hessian: int, share: float = 0.25) -> float:
+    """The working-copy bound that keeps a layer's (Hessian + fp32 weight) within the block's
+    largest Hessian plus ``share`` of it (never below 1 MiB)."""
+    own = H.data.numel() * 4 if isinstance(H, PackedSymmetric) else H.numel() * 4
+    return max(1.0, ((1 + share) * largest_hessian - own) / 2**20)
+
+
+def _rtn_and_base_errors(W: torch.Tensor, H: Hessian, quantizer: Quantizer, chunk: int = 512):
+    """RTN's output error and squared norm, and the weight's own, ``chunk`` rows at a time (scales
+    are per row or per group of a row, so rows quantize independently; per-tensor scales need all
+    rows). A packed ``H`` is gathered band by band once per chunk, for both matrices at once."""
     step = W.shape[0] if quantizer.spec.granularity == "tensor" else chunk
     packed = isinstance(H, PackedSymmetric)
     rtn_err = rtn_norm = base_err = base_norm = 0.0
     for rows in W.split(step):
         w = rows.float()
-        delta = w - quantizer.dequantize(quantizer.quantize(w)).to(w.device)
-        if packed:  # a packed H is gathered band by band: once for both matrices
+        delta = quantizer.dequantize(quantizer.quantize(w)).to(w.device)
+        delta.sub_(w).neg_()  # w - rtn(w), without another matrix of this size
+        if packed:
             e_rtn, e_base = H.quadratic_forms(delta, w)
             rtn_err, base_err = rtn_err + e_rtn, base_err + e_base
         else:
@@ -324,6 +347,8 @@ class GPTQ(Step):
         if not unit.has_calibration:
             self._fallback(unit, selected, quantizer, "no calibration inputs reach this layer")
             return
+        # The block's peak is its largest Hessian plus that layer's working copy of the weight.
+        largest_hessian = max(hessian_nbytes(weight_of(m).shape[1], unit.device) for m in selected.values())
         for subset in layer_subsets(unit, selected, cfg.true_sequential):
             # Layers that share an input share one Hessian: hook only the first of each group.
             accumulators = {}
@@ -338,11 +363,20 @@ class GPTQ(Step):
                 acc = accumulators.pop(names[0])
                 for i, name in enumerate(names):
                     # the last layer of a group may consume the Hessian (no copy of the largest matrix)
-                    self._quantize_layer(unit, name, selected[name], acc, quantizer, last=i == len(names) - 1)
+                    self._quantize_layer(
+                        unit, name, selected[name], acc, quantizer, i == len(names) - 1, largest_hessian
+                    )
                 del acc
 
     def _quantize_layer(
-        self, unit, name: str, module: nn.Module, acc: HessianAccumulator, quantizer: Quantizer, last: bool
+        self,
+        unit,
+        name: str,
+        module: nn.Module,
+        acc: HessianAccumulator,
+        quantizer: Quantizer,
+        last: bool,
+        largest_hessian: int,
     ) -> None:
         cfg: GPTQConfig = self.config
         if acc.tokens < cfg.min_tokens:
@@ -353,7 +387,10 @@ class GPTQ(Step):
         start = time.perf_counter()
         W = weight_of(module).detach()
         # Errors are reported on the damped Hessian GPTQ minimises; RTN's is measured before H is consumed.
-        rtn_err, rtn_norm, base_err, base_norm = _rtn_and_base_errors(W, acc.H, quantizer)
+        bound = cfg.max_working_mib or working_bound_mib(acc.H, largest_hessian)
+        # errors in chunks of the rows GPTQ works on at once: their memory stays within the same bound
+        chunk = rows_within(tuple(W.shape), bound) if isinstance(acc.H, PackedSymmetric) else 512
+        rtn_err, rtn_norm, base_err, base_norm = _rtn_and_base_errors(W, acc.H, quantizer, chunk)
         mean_diag = mean_diagonal(acc.H)
         try:
             # no local reference to the Hessian: GPTQ may then reuse its memory
@@ -367,7 +404,7 @@ class GPTQ(Step):
                 cfg.static_groups,
                 cfg.damping_retries,
                 overwrite_hessian=last,
-                max_working_mib=cfg.max_working_mib or (16.0 if W.device.type == "cpu" else None),
+                max_working_mib=bound,
             )
         except HessianNotPositiveDefinite as exc:
             log.warning("%s: %s; falling back to RTN", name, exc)

@@ -27,6 +27,16 @@ PACKED_MIN_COLUMNS = 4096
 Hessian = torch.Tensor | PackedSymmetric
 
 
+def packs(columns: int, device: torch.device | str) -> bool:
+    """Whether a Hessian of this many columns is packed by default on this device."""
+    return torch.device(device).type == "cpu" and columns >= PACKED_MIN_COLUMNS
+
+
+def hessian_nbytes(columns: int, device: torch.device | str) -> int:
+    """Memory of a float32 Hessian as :class:`HessianAccumulator` holds it by default."""
+    return 4 * (columns * (columns + 1) // 2 if packs(columns, device) else columns * columns)
+
+
 class HessianAccumulator:
     """Running ``2/n X^T X``. ``packed=None`` packs wide CPU Hessians (``PACKED_MIN_COLUMNS``)."""
 
@@ -37,10 +47,9 @@ class HessianAccumulator:
         dtype: torch.dtype = torch.float32,
         packed: bool | None = None,
     ):
-        on_cpu = torch.device(device).type == "cpu"
         if packed is None:
-            packed = on_cpu and columns >= PACKED_MIN_COLUMNS
-        if packed and not on_cpu:
+            packed = packs(columns, device)
+        if packed and torch.device(device).type != "cpu":
             raise ValueError("packed Hessians live on the CPU (LAPACK); use packed=False on other devices")
         self.H: Hessian = (
             PackedSymmetric(columns, dtype=dtype)

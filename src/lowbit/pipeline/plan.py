@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..algorithms.base import Step, match_name
+from ..algorithms.hessian import PACKED_MIN_COLUMNS
 from ..formats import Quantizer
 from ..models import ModelAdapter, in_features, out_features, weight_of
 
@@ -235,8 +236,14 @@ def estimate(
     largest = max((math.prod(layer.shape) for layer in layers), default=0)
     needs_data = any(s.needs_calibration for s in steps)
     act = 2 * (calibration_tokens + 2 * held_back_tokens) * hidden * compute_elem if needs_data else 0
-    hessian = widest_input * widest_input * 4 if needs_data else 0  # fp32, factorised in place
-    work = 2 * largest * 4  # the largest layer's fp32 working copy, and its dequantized result
+    # GPTQ on the CPU: fp32 Hessians factorised in place, wide ones packed as one triangle; the
+    # weight's fp32 working copy (and the copy its parameters are found on) bounded by row passes;
+    # the codes, and the dequantized result in the compute dtype.
+    if widest_input >= PACKED_MIN_COLUMNS:
+        hessian = widest_input * (widest_input + 1) // 2 * 4 if needs_data else 0
+    else:
+        hessian = widest_input * widest_input * 4 if needs_data else 0
+    work = 2 * min(largest * 4, 16 * 2**20) + largest * (1 + compute_elem)
     # Measured on a 2-core CPU box: imports, tokenizer and model code hold about 0.40 GiB before any
     # tensor work, 0.45 GiB while running (benchmarks/results/memory_phases.md).
     runtime = 460 * 2**20
