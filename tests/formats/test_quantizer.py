@@ -274,3 +274,22 @@ def test_all_zero_and_tiny_groups_are_safe():
         assert torch.isfinite(deq).all()
         # binary has no zero level: the smallest fp16 scale is the best it can do
         assert deq.abs().max() <= (6.2e-5 if name == "binary" else 1e-6)
+
+
+@pytest.mark.parametrize(
+    "name,kw",
+    [("int4", {"group_size": 32}), ("int3", {"group_size": -1}), ("int8", {"group_size": 0}), ("nvfp4", {})],
+)
+def test_row_slices_dequantize_to_the_rows_of_the_whole(name, kw):
+    q = Quantizer(make_format(name, **kw))
+    w = torch.randn(37, 64, generator=torch.Generator().manual_seed(0))
+    qt = q.quantize(w)
+    whole = q.dequantize(qt)
+    for start, stop in [(0, 10), (10, 37), (30, 100)]:
+        part = qt.rows(start, stop)
+        assert part.shape == tuple(whole[start:stop].shape)
+        assert torch.equal(q.dequantize(part), whole[start:stop])
+    g_idx = torch.randperm(64, generator=torch.Generator().manual_seed(1)) // 32
+    if name == "int4":  # act-order groups: every slice keeps the column map
+        shuffled = type(qt)(qt.codes, qt.scale, qt.zero, qt.global_scale, qt.spec, qt.shape, g_idx.to(torch.int32))
+        assert torch.equal(q.dequantize(shuffled.rows(5, 20)), q.dequantize(shuffled)[5:20])

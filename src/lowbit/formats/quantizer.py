@@ -75,6 +75,21 @@ class QuantizedTensor:
     def bits_per_weight(self) -> float:
         return Quantizer(self.spec).bits_per_weight(self.shape)
 
+    def rows(self, start: int, stop: int) -> QuantizedTensor:
+        """Rows ``start:stop`` of a 2-D quantized tensor (views; per-tensor parameters are shared)."""
+        if len(self.shape) != 2:
+            raise ValueError(f"rows() needs a 2-D quantized tensor, not shape {self.shape}")
+        per_row = self.spec.granularity != "tensor"
+        return QuantizedTensor(
+            codes=self.codes[start:stop],
+            scale=self.scale[start:stop] if per_row else self.scale,
+            zero=None if self.zero is None else (self.zero[start:stop] if per_row else self.zero),
+            global_scale=self.global_scale,
+            spec=self.spec,
+            shape=(len(range(*slice(start, stop).indices(self.shape[0]))), self.shape[1]),
+            g_idx=self.g_idx,
+        )
+
 
 class Quantizer:
     """Quantizer for one :class:`FormatSpec`."""

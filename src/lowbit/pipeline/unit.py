@@ -217,14 +217,24 @@ class Unit:
         """Replace ``module``'s weight by the dequantized ``qtensor`` and record the result."""
         quantizer = Quantizer(qtensor.spec)
         w = weight_of(module).detach()
-        deq = quantizer.dequantize(qtensor).to(w.device)
         err = ref = 0.0
-        for a, b in zip(w.split(512), deq.split(512)):  # no full-size float copies of big weights
-            a = a.float()
-            err += float((a - b).pow(2).sum())
-            ref += float(a.pow(2).sum())
+        if len(qtensor.shape) == 2 and w.ndim == 2:
+            # A few rows at a time, overwritten in place once measured: no float32 copy of a big weight.
+            with torch.no_grad():
+                for start in range(0, w.shape[0], 512):
+                    a = w[start : start + 512].float()
+                    b = quantizer.dequantize(qtensor.rows(start, start + 512)).to(w.device)
+                    err += float((a - b).pow(2).sum())
+                    ref += float(a.pow(2).sum())
+                    w[start : start + 512] = b
+        else:
+            deq = quantizer.dequantize(qtensor).to(w.device)
+            for a, b in zip(w.split(512), deq.split(512)):
+                a = a.float()
+                err += float((a - b).pow(2).sum())
+                ref += float(a.pow(2).sum())
+            set_weight(module, deq)
         rel = (err / max(ref, 1e-30)) ** 0.5
-        set_weight(module, deq)
         result = LayerResult(
             name=name,
             method=method,
