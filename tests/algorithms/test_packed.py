@@ -144,3 +144,15 @@ def test_row_passes_give_the_same_result_as_one_pass(fmt, kw, act_order, static_
         a, b = getattr(one.qtensor, field), getattr(passes.qtensor, field)
         assert (a is None and b is None) or torch.equal(a, b), field
     assert passes.loss == pytest.approx(one.loss, rel=1e-6)  # summed in another order
+
+
+@pytest.mark.parametrize("fmt,kw", [("int4", dict(group_size=32, symmetric=False, clip="mse")), ("nf4", {})])
+def test_parameters_found_a_few_rows_at_a_time_equal_all_at_once(fmt, kw):
+    from lowbit.algorithms.gptq import _params_of_rows
+
+    q = Quantizer(make_format(fmt, **kw))
+    Wt = torch.randn(128, 45, generator=torch.Generator().manual_seed(3))  # 45 rows, transposed
+    whole = q.find_params(q.group_view(Wt.T))
+    chunked = _params_of_rows(q, Wt, None, chunk=7)
+    assert torch.equal(chunked.scale, whole.scale)
+    assert (whole.zero is None and chunked.zero is None) or torch.equal(chunked.zero, whole.zero)

@@ -157,7 +157,7 @@ def gptq_quantize(
         Wt[dead] = 0.0
         fixed = None
         if fixed_params:  # per-channel/tensor parameters, or static groups: from the original weights
-            fixed = quantizer.find_params(quantizer.group_view(Wt.T), global_scale)
+            fixed = _params_of_rows(quantizer, Wt, global_scale)
             scale[r0 : r0 + fixed.scale.shape[0]] = fixed.scale[..., 0]
             if zero is not None:
                 zero[r0 : r0 + fixed.zero.shape[0]] = fixed.zero[..., 0]
@@ -199,6 +199,16 @@ def gptq_quantize(
         g_idx=g_idx,
     )
     return GPTQResult(qtensor, damp_used, float(losses.sum()))
+
+
+def _params_of_rows(quantizer: Quantizer, Wt: torch.Tensor, global_scale, chunk: int = 256) -> QParams:
+    """Parameters of the rows held transposed in ``Wt``, a few rows at a time: grouping the
+    transposed rows copies them, and a copy of all of them would be one more working copy."""
+    if quantizer.spec.granularity == "tensor":
+        return quantizer.find_params(quantizer.group_view(Wt.T), global_scale)
+    parts = [quantizer.find_params(quantizer.group_view(rows.T), global_scale) for rows in Wt.split(chunk, dim=1)]
+    zero = None if parts[0].zero is None else torch.cat([p.zero for p in parts])
+    return QParams(torch.cat([p.scale for p in parts]), zero, global_scale)
 
 
 def _quantize_rows(
@@ -388,8 +398,9 @@ class GPTQ(Step):
         W = weight_of(module).detach()
         # Errors are reported on the damped Hessian GPTQ minimises; RTN's is measured before H is consumed.
         bound = cfg.max_working_mib or working_bound_mib(acc.H, largest_hessian)
-        # errors in chunks of the rows GPTQ works on at once: their memory stays within the same bound
-        chunk = rows_within(tuple(W.shape), bound) if isinstance(acc.H, PackedSymmetric) else 512
+        # Errors in chunks of half the rows GPTQ works on at once (RTN's temporaries take two more
+        # float32 copies of a chunk): their memory then stays within the same bound.
+        chunk = rows_within(tuple(W.shape), bound / 2) if isinstance(acc.H, PackedSymmetric) else 512
         rtn_err, rtn_norm, base_err, base_norm = _rtn_and_base_errors(W, acc.H, quantizer, chunk)
         mean_diag = mean_diagonal(acc.H)
         try:
