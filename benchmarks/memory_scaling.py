@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, command, machine
+from common import RESULTS, command, git_revision, machine
 
 
 def checkpoint_bytes(path: Path) -> int:
@@ -104,6 +104,7 @@ def main() -> None:
         "blocks": blocks,
         "layers_quantized": len(report.layers),
         "command": command(),
+        "revision": git_revision(),
         "machine": machine(),
     }
     RESULTS.mkdir(exist_ok=True)
@@ -167,6 +168,7 @@ def partial_run(args) -> None:
         "blocks": json.loads((model_dir / "config.json").read_text())["num_hidden_layers"],
         "command": command(),
         "child_command": " ".join(cmd[1:]),
+        "revision": git_revision(),
         "machine": machine(),
     }
     with open(RESULTS / "memory_scaling.jsonl", "a") as f:
@@ -197,6 +199,8 @@ def render() -> None:
                 "peak / checkpoint": row["peak_over_checkpoint"],
                 "s per block": row["seconds_per_block"],
                 "total s": row["seconds"],
+                # rows from before revisions were recorded ran the code before packed Hessians
+                "code": row.get("revision", "older"),
             }
         )
     table = markdown_table(
@@ -204,8 +208,8 @@ def render() -> None:
         list(rows[0]),
         {
             "checkpoint GiB": ".2f",
-            "peak RSS GiB": ".2f",
-            "peak / checkpoint": ".2f",
+            "peak RSS GiB": ".3f",
+            "peak / checkpoint": ".3f",
             "s per block": ".1f",
             "total s": ".0f",
         },

@@ -48,7 +48,13 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
-    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward pass")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="calibration sequences per forward pass (default: 8); the block forward's temporaries grow "
+        "with it: use 1 for the lowest peak memory on models larger than memory",
+    )
     p.add_argument(
         "--save-dtype",
         choices=["float32", "float16", "bfloat16"],
