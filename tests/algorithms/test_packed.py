@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.linalg import lapack
 
-from lowbit.algorithms.gptq import _rtn_and_base_errors, gptq_quantize
+from lowbit.algorithms.gptq import _rtn_and_base_errors
+from lowbit.algorithms.gptq_solver import gptq_quantize
 from lowbit.algorithms.hessian import HessianAccumulator, HessianNotPositiveDefinite, inverse_cholesky_factor
 from lowbit.algorithms.packed import PackedSymmetric
 from lowbit.formats import Quantizer, make_format
@@ -148,7 +149,7 @@ def test_row_passes_give_the_same_result_as_one_pass(fmt, kw, act_order, static_
 
 @pytest.mark.parametrize("fmt,kw", [("int4", dict(group_size=32, symmetric=False, clip="mse")), ("nf4", {})])
 def test_parameters_found_a_few_rows_at_a_time_equal_all_at_once(fmt, kw):
-    from lowbit.algorithms.gptq import _params_of_rows
+    from lowbit.algorithms.gptq_solver import _params_of_rows
 
     q = Quantizer(make_format(fmt, **kw))
     Wt = torch.randn(128, 45, generator=torch.Generator().manual_seed(3))  # 45 rows, transposed

@@ -1,38 +1,29 @@
-"""GPTQ (Frantar et al., 2023): quantize columns one at a time, pushing each column's error onto
-the columns not yet quantized through the inverse Hessian of the layer inputs.
-
-Faithful to the paper's algorithm: Hessian ``H = 2 X X^T``; dampening by a fraction of the mean
-diagonal; the upper Cholesky factor of ``H^-1``; lazy batch updates in blocks of ``block_size``
-columns; optional act-order (columns by descending ``diag(H)``) with or without static groups.
-Any :class:`~lowbit.formats.Quantizer` serves as the grid (INT, FP4, NF4, MX ...), because the
-algorithm only needs "parameters for a group" and "round one column with them".
+"""GPTQ (Frantar et al., 2023) as a pipeline step: collect each layer group's input Hessian block
+by block, quantize its layers with the solver (:mod:`lowbit.algorithms.gptq_solver`), fall back
+to a data-free method where GPTQ cannot run, and report each layer's output error next to RTN's.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from ..formats import QParams, QuantizedTensor, Quantizer
+from ..formats import Quantizer
 from ..models import weight_of
 from .base import Step, WeightQuantConfig, register_step
+from .gptq_solver import gptq_quantize, rows_within
 from .hessian import (
     Hessian,
     HessianAccumulator,
     HessianNotPositiveDefinite,
-    diagonal,
     hessian_nbytes,
-    inverse_cholesky_factor,
     mean_diagonal,
     output_error,
-    permute_rows_,
-    permute_symmetric_,
 )
 from .packed import PackedSymmetric
 
@@ -75,212 +66,6 @@ class GPTQConfig(WeightQuantConfig):
     min_tokens: int = 16
     fallback: Literal["rtn", "hqq"] = "rtn"
     max_working_mib: float | None = Field(default=None, gt=0)
-
-
-@dataclass
-class GPTQResult:
-    qtensor: QuantizedTensor
-    dampening: float
-    #: tr(dW Hd dW^T) accumulated by the algorithm itself, with Hd the damped Hessian
-    loss: float
-
-
-def gptq_quantize(
-    weight: torch.Tensor,
-    H: Hessian,
-    quantizer: Quantizer,
-    block_size: int = 128,
-    dampening: float = 0.01,
-    act_order: bool = False,
-    static_groups: bool = False,
-    damping_retries: int = 4,
-    overwrite_hessian: bool = False,
-    max_working_mib: float | None = None,
-) -> GPTQResult:
-    """Quantize ``weight`` (``[out, in]``) given the input Hessian ``H`` (``[in, in]``).
-
-    ``H`` may be packed (:class:`~.packed.PackedSymmetric`, on the CPU): the algorithm then
-    works on the triangle. ``overwrite_hessian=True`` lets it use ``H`` as scratch memory
-    instead of copying it. ``max_working_mib`` bounds the float32 working copy of the weight:
-    rows are then quantized in several passes over the same factor (GPTQ treats rows
-    independently; only per-tensor scales need every row, and then there is one pass).
-    """
-    rows, cols = weight.shape
-    spec = quantizer.spec
-    gs = quantizer.group_size_for(cols) if spec.granularity == "group" else None
-    packed = isinstance(H, PackedSymmetric)
-    if packed:
-        if weight.device.type != "cpu":
-            raise ValueError("a packed Hessian needs the weight on the CPU")
-        if H.dtype != torch.float32:
-            H = PackedSymmetric(H.n, H.data.float())
-        elif not overwrite_hessian:
-            H = H.clone()
-    else:
-        H = H.detach().to(weight.device, torch.float32)
-        if not overwrite_hessian:
-            H = H.clone()
-
-    dead = diagonal(H) == 0
-    if packed:
-        H.set_diagonal_(dead, 1.0)
-    else:
-        H[dead, dead] = 1.0
-    perm = None
-    if act_order:
-        perm = torch.argsort(diagonal(H), descending=True)
-        if packed:
-            H.permute_(perm)
-        else:
-            permute_symmetric_(H, perm)
-    U, damp_used = inverse_cholesky_factor(H, dampening, damping_retries)
-    del H
-    log.debug("inverse Hessian factor ready (%d columns)", cols)
-
-    rows_per_pass = rows_within(weight.shape, max_working_mib) if spec.granularity != "tensor" else rows
-    # inputs that are always zero: their weights never matter (as the reference does)
-    global_scale = quantizer.global_scale_for(weight.detach()[:, ~dead]) if spec.global_scale else None
-    fixed_params = gs is None or static_groups
-
-    n_groups = cols // gs if gs else 1
-    scale = torch.zeros(rows if spec.granularity != "tensor" else 1, n_groups, device=weight.device)
-    zero = torch.zeros_like(scale) if spec.has_zero_point else None
-    group_of_col = [0] * cols
-    losses = torch.zeros(cols, dtype=torch.float64, device=weight.device)
-    codes_t = torch.zeros(cols, rows, dtype=torch.uint8, device=weight.device)
-    for r0 in range(0, rows, rows_per_pass):
-        r1 = min(r0 + rows_per_pass, rows)
-        # Work on the transpose: a column of W is then a contiguous row, and the rank-1 updates
-        # touch contiguous memory (several times faster than updating column slices).
-        Wt = torch.empty(cols, r1 - r0, dtype=torch.float32, device=weight.device)
-        Wt.copy_(weight.detach()[r0:r1].T)
-        Wt[dead] = 0.0
-        fixed = None
-        if fixed_params:  # per-channel/tensor parameters, or static groups: from the original weights
-            fixed = _params_of_rows(quantizer, Wt, global_scale)
-            scale[r0 : r0 + fixed.scale.shape[0]] = fixed.scale[..., 0]
-            if zero is not None:
-                zero[r0 : r0 + fixed.zero.shape[0]] = fixed.zero[..., 0]
-        if perm is not None:
-            permute_rows_(Wt, perm)
-        _quantize_rows(
-            Wt,
-            U,
-            packed,
-            quantizer,
-            block_size,
-            gs,
-            perm,
-            fixed,
-            global_scale,
-            r0,
-            r1,
-            scale,
-            zero,
-            group_of_col,
-            losses,
-            codes_t,
-        )
-        del Wt
-    del U
-
-    g_idx = None
-    if perm is not None:
-        codes_t = codes_t[torch.argsort(perm)]
-        if gs is not None and not static_groups:
-            g_idx = torch.tensor(group_of_col, dtype=torch.int32, device=weight.device)[torch.argsort(perm)]
-    qtensor = QuantizedTensor(
-        codes=codes_t.T.contiguous(),
-        scale=scale,
-        zero=zero,
-        global_scale=global_scale,
-        spec=spec,
-        shape=tuple(weight.shape),
-        g_idx=g_idx,
-    )
-    return GPTQResult(qtensor, damp_used, float(losses.sum()))
-
-
-def _params_of_rows(quantizer: Quantizer, Wt: torch.Tensor, global_scale, chunk: int = 256) -> QParams:
-    """Parameters of the rows held transposed in ``Wt``, a few rows at a time: grouping the
-    transposed rows copies them, and a copy of all of them would be one more working copy."""
-    if quantizer.spec.granularity == "tensor":
-        return quantizer.find_params(quantizer.group_view(Wt.T), global_scale)
-    parts = [quantizer.find_params(quantizer.group_view(rows.T), global_scale) for rows in Wt.split(chunk, dim=1)]
-    zero = None if parts[0].zero is None else torch.cat([p.zero for p in parts])
-    return QParams(torch.cat([p.scale for p in parts]), zero, global_scale)
-
-
-def _quantize_rows(
-    Wt,
-    U,
-    packed,
-    quantizer,
-    block_size,
-    gs,
-    perm,
-    fixed,
-    global_scale,
-    r0,
-    r1,
-    scale,
-    zero,
-    group_of_col,
-    losses,
-    codes_t,
-) -> None:
-    """GPTQ's column walk over rows ``r0:r1`` (``Wt`` holds them transposed and permuted)."""
-    cols = Wt.shape[0]
-    current: QParams | None = None
-    order = perm.tolist() if perm is not None else None
-    if fixed is not None:  # each group's parameters as one column needs them, sliced once
-        per_group = [
-            QParams(fixed.scale[:, g], None if fixed.zero is None else fixed.zero[:, g], fixed.global_scale)
-            for g in range(fixed.scale.shape[1])
-        ]
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        W1 = Wt[i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
-        U_rows = U.factor_rows(i1, i2) if packed else U[i1:i2, i1:]  # U[i1:i2, i1:]
-        U1 = U_rows[:, : i2 - i1]
-        pivots = U1.diagonal().tolist()
-        for i in range(i2 - i1):
-            col = i1 + i
-            if gs is None:
-                colp, g = per_group[0], 0
-            elif fixed is not None:  # static groups: the column's own (original-order) group
-                g = (order[col] if order is not None else col) // gs
-                colp = per_group[g]
-            else:
-                g = col // gs
-                if col % gs == 0:  # a new group: parameters from the current, already-updated weights
-                    window = W1[i : i + gs]
-                    if window.shape[0] < gs:
-                        window = torch.cat([window, Wt[i2 : col + gs]], dim=0)
-                    current = quantizer.find_params(window.T.unsqueeze(1), global_scale)
-                    scale[r0:r1, g] = current.scale[:, 0, 0]
-                    if zero is not None:
-                        zero[r0:r1, g] = current.zero[:, 0, 0]
-                    colp = QParams(
-                        current.scale[:, 0], None if current.zero is None else current.zero[:, 0], global_scale
-                    )
-            group_of_col[col] = g
-            w = W1[i]
-            c = quantizer.encode(w.unsqueeze(1), colp)[:, 0]
-            q = quantizer.decode(c.unsqueeze(1), colp)[:, 0]
-            codes_t[col, r0:r1] = c
-            err = Err1[i]
-            torch.sub(w, q, out=err).div_(pivots[i])
-            W1[i:].addr_(U1[i, i:], err, alpha=-1.0)
-        losses[i1:i2] += Err1.double().pow(2).sum(dim=1)  # once per block, not per column
-        Wt[i2:].addmm_(U_rows[:, i2 - i1 :].T, Err1, alpha=-1.0)
-
-
-def rows_within(shape: tuple[int, int], mib: float | None) -> int:
-    """How many rows of a ``shape`` weight fit in ``mib`` MiB of float32 (all without a bound)."""
-    rows, cols = shape
-    return rows if mib is None else max(1, min(rows, int(mib * 2**20) // (4 * cols)))
 
 
 def working_bound_mib(H: Hessian, largest_hessian: int, share: float = 0.25) -> float:
