@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -25,6 +27,7 @@ log = logging.getLogger(__name__)
 PACKED_MIN_COLUMNS = 4096
 
 Hessian = torch.Tensor | PackedSymmetric
+T = TypeVar("T")
 
 
 def packs(columns: int, device: torch.device | str) -> bool:
@@ -128,18 +131,32 @@ def inverse_cholesky_factor(
         in_place = H.shape[0] >= PACKED_MIN_COLUMNS
     if in_place and H.device.type == "cpu" and H.dtype in (torch.float32, torch.float64) and H.is_contiguous():
         return _inverse_cholesky_in_place(H, mean_diag, dampening, retries)
-    damp, added = dampening, 0.0
-    for attempt in range(retries + 1):
+    added = 0.0
+
+    def factorise(damp: float) -> torch.Tensor | None:
+        nonlocal added
         H.diagonal().add_(damp * mean_diag - added)
         added = damp * mean_diag
         L, info = torch.linalg.cholesky_ex(H)
-        if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            del Hinv
-            if info == 0 and torch.isfinite(U).all():
-                return U.contiguous(), damp  # GPTQ walks its rows
+        if info != 0:
+            return None
+        Hinv = torch.cholesky_inverse(L)
+        del L
+        U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+        del Hinv
+        return U.contiguous() if info == 0 and torch.isfinite(U).all() else None  # GPTQ walks its rows
+
+    return _raise_damping_until(factorise, dampening, retries)
+
+
+def _raise_damping_until(factorise: Callable[[float], T | None], dampening: float, retries: int) -> tuple[T, float]:
+    """``factorise(damp)`` with ``damp = dampening``, then 10 times more on each retry, until it
+    returns a factor (it restores the Hessian itself when it has to)."""
+    damp = dampening
+    for attempt in range(retries + 1):
+        factor = factorise(damp)
+        if factor is not None:
+            return factor, damp
         if attempt < retries:
             log.info("Hessian not positive definite with dampening %.3g; retrying with %.3g", damp, damp * 10)
             damp *= 10
@@ -157,8 +174,8 @@ def _inverse_cholesky_in_place(
     A = H.numpy().T
     potrf, potri = lapack.get_lapack_funcs(("potrf", "potri"), (A,))
     diag = H.diagonal().clone()
-    damp = dampening
-    for attempt in range(retries + 1):
+
+    def factorise(damp: float) -> torch.Tensor | None:
         H.diagonal().copy_(diag + damp * mean_diag)
         _, info = potrf(A, lower=0, overwrite_a=1, clean=0)
         if info == 0:
@@ -172,12 +189,11 @@ def _inverse_cholesky_in_place(
             # the factor's rows, so move it to the upper triangle: rows are then contiguous in memory.
             _mirror_lower_to_upper(H)
             H.triu_()
-            return H, damp
+            return H
         _mirror_lower_to_upper(H.T)  # the Hessian, from the intact upper triangle, for the retry
-        if attempt < retries:
-            log.info("Hessian not positive definite with dampening %.3g; retrying with %.3g", damp, damp * 10)
-            damp *= 10
-    raise HessianNotPositiveDefinite(f"Hessian not positive definite even with dampening {damp:.3g}")
+        return None
+
+    return _raise_damping_until(factorise, dampening, retries)
 
 
 def _inverse_cholesky_packed(
@@ -188,19 +204,19 @@ def _inverse_cholesky_packed(
     with tempfile.TemporaryFile() if retries > 0 else contextlib.nullcontext() as backup:
         if backup is not None:
             H.save(backup)
-        damp = dampening
-        for attempt in range(retries + 1):
-            if attempt > 0:
+        tried = False
+
+        def factorise(damp: float) -> PackedSymmetric | None:
+            nonlocal tried
+            if tried:
                 H.restore_(backup)
+            tried = True
             H.add_to_diagonal_(damp * mean_diag)
             # the factor L' of H^-1 = L' L'^T is the transpose of the upper factor GPTQ walks
             ok = H.cholesky_() == 0 and H.cholesky_inverse_() == 0 and H.cholesky_() == 0
-            if ok and bool(torch.isfinite(H.data.sum())):  # a sum allocates nothing
-                return H, damp
-            if attempt < retries:
-                log.info("Hessian not positive definite with dampening %.3g; retrying with %.3g", damp, damp * 10)
-                damp *= 10
-    raise HessianNotPositiveDefinite(f"Hessian not positive definite even with dampening {damp:.3g}")
+            return H if ok and bool(torch.isfinite(H.data.sum())) else None  # a sum allocates nothing
+
+        return _raise_damping_until(factorise, dampening, retries)
 
 
 def _mirror_lower_to_upper(H: torch.Tensor, chunk: int = 512) -> None:
