@@ -71,8 +71,7 @@ class GPTQConfig(WeightQuantConfig):
 def working_bound_mib(H: Hessian, largest_hessian: int, share: float = 0.25) -> float:
     """The working-copy bound that keeps a layer's (Hessian + fp32 weight) within the block's
     largest Hessian plus ``share`` of it (never below 1 MiB)."""
-    own = H.data.numel() * 4 if isinstance(H, PackedSymmetric) else H.numel() * 4
-    return max(1.0, ((1 + share) * largest_hessian - own) / 2**20)
+    return max(1.0, ((1 + share) * largest_hessian - H.nbytes) / 2**20)
 
 
 def _rtn_and_base_errors(W: torch.Tensor, H: Hessian, quantizer: Quantizer, chunk: int = 512):

@@ -56,6 +56,10 @@ class PackedSymmetric:
     def device(self) -> torch.device:
         return self.data.device
 
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
     def clone(self) -> PackedSymmetric:
         return PackedSymmetric(self.n, self.data.clone())
 

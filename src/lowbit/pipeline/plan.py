@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..algorithms.base import Step, match_name
-from ..algorithms.hessian import PACKED_MIN_COLUMNS
+from ..algorithms.hessian import hessian_nbytes
 from ..formats import Quantizer
 from ..models import ModelAdapter, in_features, out_features, weight_of
 
@@ -236,14 +236,12 @@ def estimate(
     largest = max((math.prod(layer.shape) for layer in layers), default=0)
     needs_data = any(s.needs_calibration for s in steps)
     act = 2 * (calibration_tokens + 2 * held_back_tokens) * hidden * compute_elem if needs_data else 0
-    # GPTQ on the CPU: fp32 Hessians factorised in place, wide ones packed as one triangle; the
-    # weight's fp32 working copy (and the copy its parameters are found on) bounded by row passes;
-    # the codes, and the dequantized result in the compute dtype.
-    if widest_input >= PACKED_MIN_COLUMNS:
-        hessian = widest_input * (widest_input + 1) // 2 * 4 if needs_data else 0
-    else:
-        hessian = widest_input * widest_input * 4 if needs_data else 0
-    work = 2 * min(largest * 4, 16 * 2**20) + largest * (1 + compute_elem)
+    # GPTQ on the CPU: fp32 Hessians factorised in place, wide ones packed as one triangle; row
+    # passes keep a layer's fp32 working copy within a quarter of the largest Hessian on top of it;
+    # plus the codes. Data-free methods: the fp32 copy of the weight and its rounded result.
+    hessian = hessian_nbytes(widest_input, "cpu") if needs_data else 0
+    gptq = any(s.name == "gptq" for s in steps)
+    work = min(largest * 4, hessian // 4) + largest if gptq else 2 * largest * 4
     # Measured on a 2-core CPU box: imports, tokenizer and model code hold about 0.40 GiB before any
     # tensor work, 0.45 GiB while running (benchmarks/results/memory_phases.md).
     runtime = 460 * 2**20
@@ -270,7 +268,7 @@ def estimate(
         forward_flops += 2 * block_params * calibration_tokens * passes * len(adapter)
         if any(s.name == "awq" for s in steps):
             forward_flops += 2 * block_params * calibration_tokens * 20 * len(adapter)
-    if any(s.name == "gptq" for s in steps):
+    if gptq:
         gptq_flops += sum(2 * layer.shape[0] * layer.shape[1] ** 2 + layer.shape[1] ** 3 for layer in layers)
     seconds = forward_flops / (model_rate * 1e9) + gptq_flops / (fp32_rate * 1e9)
     seconds += quantized_numel / 50e6  # rounding and bookkeeping per weight

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..formats import QuantizedTensor, Quantizer
-from ..models import ResolvedGroup, set_weight, weight_of
+from ..models import ResolvedGroup, weight_of
 from .tensors import to_device
 
 log = logging.getLogger(__name__)
@@ -218,22 +218,14 @@ class Unit:
         quantizer = Quantizer(qtensor.spec)
         w = weight_of(module).detach()
         err = ref = 0.0
-        if len(qtensor.shape) == 2 and w.ndim == 2:
-            # A few rows at a time, overwritten in place once measured: no float32 copy of a big weight.
-            with torch.no_grad():
-                for start in range(0, w.shape[0], 512):
-                    a = w[start : start + 512].float()
-                    b = quantizer.dequantize(qtensor.rows(start, start + 512)).to(w.device)
-                    err += float((a - b).pow(2).sum())
-                    ref += float(a.pow(2).sum())
-                    w[start : start + 512] = b
-        else:
-            deq = quantizer.dequantize(qtensor).to(w.device)
-            for a, b in zip(w.split(512), deq.split(512)):
-                a = a.float()
+        # A few rows at a time, overwritten in place once measured: no float32 copy of a big weight.
+        with torch.no_grad():
+            for start in range(0, w.shape[0], 512):
+                a = w[start : start + 512].float()
+                b = quantizer.dequantize(qtensor.rows(start, start + 512)).to(w.device)
                 err += float((a - b).pow(2).sum())
                 ref += float(a.pow(2).sum())
-            set_weight(module, deq)
+                w[start : start + 512] = b
         rel = (err / max(ref, 1e-30)) ** 0.5
         result = LayerResult(
             name=name,
