@@ -22,6 +22,12 @@ FAMILY_CONFIGS = {
     "qwen3": lambda: transformers.Qwen3Config(**SMALL, head_dim=16),
     "phi3": lambda: transformers.Phi3Config(**SMALL, pad_token_id=0, bos_token_id=1, eos_token_id=2),
     "gemma": lambda: transformers.GemmaConfig(**SMALL, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "gemma2": lambda: transformers.Gemma2Config(
+        **SMALL, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=8
+    ),
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(
+        **SMALL, head_dim=16, pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=8
+    ),
     "opt": lambda: transformers.OPTConfig(
         vocab_size=128,
         hidden_size=64,

@@ -21,6 +21,8 @@ EXPECTED = {
     "qwen2": 7,
     "qwen3": 7,
     "gemma": 7,
+    "gemma2": 7,
+    "gemma3_text": 7,
     "phi3": 4,
     "opt": 6,
     "gpt2": 4,

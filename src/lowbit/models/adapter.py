@@ -159,6 +159,18 @@ class ModelAdapter:
                 return path, mod
         return None, None
 
+    def pooler(self) -> tuple[str, nn.Module] | tuple[None, None]:
+        for path in self.arch.pooler:
+            mod = get_submodule(self.model, path)
+            if mod is not None:
+                return path, mod
+        return None, None
+
+    def head_modules(self) -> dict[str, nn.Module]:
+        """What runs after the last block, by name: the final norm, the output projection, the pooler."""
+        found = (self.final_norm(), self.lm_head(), self.pooler())
+        return {name: module for name, module in found if module is not None}
+
     def lm_head(self) -> tuple[str, nn.Module] | tuple[None, None]:
         if self.arch.lm_head:
             mod = get_submodule(self.model, self.arch.lm_head)

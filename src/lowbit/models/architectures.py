@@ -56,6 +56,8 @@ class Architecture:
         groups: linears sharing an input, per block.
         final_norm: candidate paths of the norm after the last block.
         lm_head: path of the output projection, if any.
+        pooler: candidate paths of an encoder's pooler (BERT: a linear and tanh on the first
+            token's final hidden state); its linears are calibrated on the last block's outputs.
         norm_offset: RMSNorms of this family compute ``x * (offset + weight)`` (Gemma: 1).
         moe: where the fused Mixture-of-Experts module is, if any.
     """
@@ -66,6 +68,7 @@ class Architecture:
     groups: tuple[LinearGroup, ...] = ()
     final_norm: tuple[str, ...] = ()
     lm_head: str | None = "lm_head"
+    pooler: tuple[str, ...] = ()
     norm_offset: float = 0.0
     moe: MoESpec | None = None
     notes: str = field(default="", compare=False)
@@ -210,6 +213,7 @@ register_architecture(
         ),
         final_norm=(),
         lm_head=None,
+        pooler=("bert.pooler", "pooler"),
     )
 )
 

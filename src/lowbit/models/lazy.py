@@ -198,6 +198,7 @@ class LazyModel:
         self.model.eval()
         self._prefix = self._checkpoint_prefix()
         self._renames: list[tuple[re.Pattern, str]] = []
+        self._stored_as = _stored_names(self.model, self.checkpoint.keys())
 
     def _checkpoint_prefix(self) -> str:
         """Checkpoints of bare models (e.g. BertModel) may store names with or without a prefix."""
@@ -210,9 +211,13 @@ class LazyModel:
         return ""
 
     def checkpoint_name(self, name: str) -> str:
+        renamed = name
         for pattern, replacement in self._renames:
-            name = pattern.sub(replacement, name)
-        return self._prefix + name
+            renamed = pattern.sub(replacement, renamed)
+        key = self._prefix + renamed
+        if key not in self.checkpoint and name in self._stored_as:
+            return self._stored_as[name]
+        return key
 
     def rename_in_blocks(self, blocks_path: str, model_prefix: str, checkpoint_prefix: str) -> None:
         """Map ``<block>.<model_prefix>.*`` to ``<block>.<checkpoint_prefix>.*`` (e.g. Mixtral's
@@ -276,8 +281,35 @@ class LazyModel:
 
     @staticmethod
     def release(module: nn.Module) -> None:
-        """Drop a module's weights (back to the meta device)."""
+        """Drop a module's parameters (back to the meta device). Buffers stay: they are small, and
+        those computed at init (Gemma's embedding scale, rotary frequencies) are not in checkpoints."""
+        buffers = [(sub, name, b) for sub in module.modules() for name, b in sub._buffers.items() if b is not None]
         module.to("meta")
+        for sub, name, b in buffers:
+            sub._buffers[name] = b
+
+
+def _stored_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
+    """Model name -> checkpoint key, where transformers renames keys when it loads a checkpoint
+    (GPT-NeoX stores its ``lm_head`` as ``embed_out``). Read from transformers' own conversion
+    mapping (its plain renames; lowbit handles fused experts itself), applied to the checkpoint's
+    keys, so that lowbit reads and writes the names a checkpoint of this family really has."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        renames = [t for t in get_model_conversion_mapping(model) if type(t) is WeightRenaming]
+    except Exception as exc:  # an older or newer transformers without this mapping: names as they are
+        log.debug("no checkpoint renames from transformers: %s", exc)
+        return {}
+    stored = {}
+    for key in keys:
+        name = key
+        for rename in renames:
+            name, _ = rename.rename_source_key(name)
+        if name != key:
+            stored[name] = key
+    return stored
 
 
 def compute_dtype(storage: torch.dtype, device: torch.device | str) -> torch.dtype:

@@ -141,7 +141,10 @@ def _block_forward(block: nn.Module):
     return forward
 
 
-def _head_forward(norm: nn.Module | None, head: nn.Module):
+def _head_forward(norm: nn.Module | None, head: nn.Module | None):
+    """The head unit's forward on the last block's outputs (``None`` when nothing runs after the blocks)."""
+    if head is None:
+        return None
     logits = _logits(norm, head)
     return lambda h, a, kw: logits(h)
 
@@ -282,11 +285,11 @@ def run_pipeline(
             log.info("%s done in %.2fs", name, time.perf_counter() - started)
 
         if head_linears or sanity is not None:
-            store.load_head(adapter)
+            store.load_head(adapter, head_linears)
         _, norm = adapter.final_norm()
         _, head = adapter.lm_head()
         if head_linears:
-            forward = _head_forward(norm, head) if head is not None else None
+            forward = _head_forward(norm, head or adapter.pooler()[1])
             unit = Unit(
                 name="",
                 index=len(adapter),

@@ -9,6 +9,7 @@ quantized, and dropped from memory. Peak memory is then about one block plus act
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ class InMemoryStore:
     def release_outside(self, adapter: ModelAdapter) -> None:
         pass
 
-    def load_head(self, adapter: ModelAdapter) -> None:
+    def load_head(self, adapter: ModelAdapter, linears: Iterable[str] = ()) -> None:
         pass
 
     def load_block(self, adapter: ModelAdapter, index: int) -> None:
@@ -59,22 +60,21 @@ class StreamingStore:
     def load_outside(self, adapter: ModelAdapter) -> None:
         """What runs before the first block (embeddings), for capturing that block's inputs; the
         final norm and the head wait for :meth:`load_head`."""
-        head = tuple(name for name, module in (adapter.final_norm(), adapter.lm_head()) if module is not None)
-        self.lazy.materialize_outside(adapter.blocks_path, skip=head)
+        self.lazy.materialize_outside(adapter.blocks_path, skip=tuple(adapter.head_modules()))
 
     def release_outside(self, adapter: ModelAdapter) -> None:
         """Drop them again while the blocks are worked on (the embeddings of a large vocabulary
         would otherwise sit in memory all run)."""
         for module in adapter.outside_modules().values():
             if any(p.device.type != "meta" for p in module.parameters(recurse=False)):
-                module.to("meta")
+                self.lazy.release(module)
 
-    def load_head(self, adapter: ModelAdapter) -> None:
-        """The final norm and the output projection (for the head unit and the sanity check)."""
-        for getter in (adapter.final_norm, adapter.lm_head):
-            name, module = getter()
-            if module is not None:
-                self.lazy.materialize(module, name)
+    def load_head(self, adapter: ModelAdapter, linears: Iterable[str] = ()) -> None:
+        """What runs after the last block (final norm, output projection, pooler), for the head unit
+        and the sanity check, and the other outside ``linears`` the recipe quantizes."""
+        modules = {**adapter.head_modules(), **{name: adapter.model.get_submodule(name) for name in linears}}
+        for name, module in modules.items():
+            self.lazy.materialize(module, name)
 
     def load_block(self, adapter: ModelAdapter, index: int) -> None:
         self.lazy.materialize(adapter.blocks[index], adapter.block_name(index))
