@@ -16,12 +16,13 @@ from . import __version__
 from .calibration import CalibrationData, CalibrationError, as_calibration
 from .export import save_model_dir
 from .formats import QuantizedTensor
-from .models import LoadedModel, checkpoint_dtype, load_model, resolve_model_path
+from .models import LoadedModel, ModelLoadError, checkpoint_dtype, load_model, resolve_model_path
 from .models.loading import model_kind
 from .pipeline import PipelineOptions, SanityCheckFailed, SanityReport, run_pipeline
 from .pipeline.directory import DirectoryRun, quantize_directory
+from .pipeline.timing import LOAD, PhaseTimes
 from .recipe import Recipe, as_recipe
-from .report import QuantizationReport, build_report
+from .report import QuantizationReport, build_report, weight_files_bytes
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +50,18 @@ class QuantizationResult:
         """
         if self.sanity is not None and not self.sanity.passed and not force:
             raise SanityCheckFailed(self.sanity)
-        meta = {
-            "lowbit_version": __version__,
-            "source_model": self.source,
-            **self.report.to_dict(),
-        }
+
+        def report_json(directory: Path) -> str:  # written last, when the weights' size on disk is known
+            self.report.size_on_disk_bytes = weight_files_bytes(directory)
+            meta = {"lowbit_version": __version__, "source_model": self.source, **self.report.to_dict()}
+            return json.dumps(meta, indent=2) + "\n"
+
         return save_model_dir(
             self.model,
             out_dir,
             tokenizer=self.tokenizer,
             dtype=dtype or self.storage_dtype,
-            extra_files={
-                "lowbit_recipe.yaml": self.recipe.to_yaml(),
-                "lowbit_report.json": json.dumps(meta, indent=2) + "\n",
-            },
+            extra_files={"lowbit_recipe.yaml": self.recipe.to_yaml(), "lowbit_report.json": report_json},
             overwrite=overwrite,
         )
 
@@ -92,27 +91,32 @@ def quantize(
         n_samples, seq_len, seed: how text calibration data is sampled (``seq_len`` defaults to
             512 tokens, or the model's context if shorter).
         options: a :class:`~lowbit.pipeline.PipelineOptions`; keyword overrides of its fields
-            (``device=``, ``batch_size=``, ``progress=`` ...) are accepted too.
+            (``device=``, ``batch_size=``, ``progress=`` ...) are accepted too. A progress bar
+            is shown unless ``progress=False``.
+
+    Results depend only on the arguments (``seed`` seeds lowbit's own generators; torch's global
+    random state is neither used nor changed).
     """
-    start = time.perf_counter()
-    torch.manual_seed(seed)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    timings = PhaseTimes()
     source = None
     storage_dtype = None
     if isinstance(model, (str, Path)):
-        model = load_model(model)
+        with timings.phase(LOAD):
+            model = load_model(model)
     if isinstance(model, LoadedModel):
         tokenizer = tokenizer or model.tokenizer
         source = str(model.name)
         storage_dtype = checkpoint_dtype(model.path) if isinstance(model.path, Path) else None
         model = model.model
     recipe = as_recipe(recipe)
-    options = options or PipelineOptions(progress=False)
+    options = options or PipelineOptions()
     if option_overrides:
         options = PipelineOptions(**{**options.__dict__, **option_overrides})
     calib, held_back = prepare_calibration(model, recipe, calibration, tokenizer, n_samples, seq_len, seed, options)
     was_training = model.training
     model.eval()
-    result = run_pipeline(model, recipe.steps, calib, options, held_back=held_back)
+    result = run_pipeline(model, recipe.steps, calib, options, held_back=held_back, timings=timings)
     model.train(was_training)
     extra = {"calibration": calib.describe() if calib is not None else None}
     if result.sanity is not None:
@@ -120,7 +124,15 @@ def quantize(
         extra["sanity"] = result.sanity.to_dict()
         if not result.sanity.passed:
             log.warning("%s", SanityCheckFailed(result.sanity))
-    report = build_report(model, result.state, time.perf_counter() - start, storage_dtype=storage_dtype, extra=extra)
+    report = build_report(
+        model,
+        result.state,
+        time.perf_counter() - start,
+        storage_dtype=storage_dtype,
+        extra=extra,
+        cpu_seconds=time.process_time() - cpu_start,
+        timings=timings.to_dict(),
+    )
     return QuantizationResult(
         model=model,
         report=report,
@@ -191,20 +203,25 @@ def quantize_checkpoint(
 
     from .pipeline.memory import return_freed_memory_promptly
 
-    # Before anything allocates: the tokenizer and the calibration set come first (see quantize_directory).
-    return_freed_memory_promptly()
-    torch.manual_seed(seed)
-    path = resolve_model_path(model_dir)
-    if not isinstance(path, Path):
-        raise ValueError(f"quantize_checkpoint needs a local model directory, got {model_dir!r} (download it first)")
-    recipe = as_recipe(recipe)
+    start, cpu_start = time.perf_counter(), time.process_time()
     options = options or PipelineOptions()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except Exception:  # a model without tokenizer can still be quantized data-free
-        tokenizer = None
-    config = AutoConfig.from_pretrained(path)
-    calib, held_back = prepare_calibration(config, recipe, calibration, tokenizer, n_samples, seq_len, seed, options)
+    if options.tune_allocator:  # before anything allocates: the tokenizer and the calibration set come first
+        return_freed_memory_promptly()
+    timings = PhaseTimes()
+    with timings.phase(LOAD):
+        path = resolve_model_path(model_dir)  # a hub id is downloaded here
+        recipe = as_recipe(recipe)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except Exception:  # a model without tokenizer can still be quantized data-free
+            tokenizer = None
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except Exception as exc:  # transformers raises several types for configs it cannot use
+            raise ModelLoadError(f"cannot use the config of {path}: {exc}") from None
+        calib, held_back = prepare_calibration(
+            config, recipe, calibration, tokenizer, n_samples, seq_len, seed, options
+        )
     return quantize_directory(
         path,
         recipe,
@@ -218,4 +235,6 @@ def quantize_checkpoint(
         force=force,
         dry_run=dry_run,
         tokenizer=tokenizer,
+        timings=timings,
+        started=(start, cpu_start),
     )

@@ -14,12 +14,23 @@ from .pipeline.unit import LayerResult, QuantState
 
 @dataclass
 class QuantizationReport:
+    """Per-layer results and totals of a run.
+
+    ``packed_size_bytes`` is what the weights take stored at their exact bits per weight (codes,
+    scales, zero-points; everything else at its stored size). ``size_on_disk_bytes`` is what the
+    saved checkpoint's weight files really take (``None`` until it is saved): a fake-quantized
+    checkpoint keeps the original dtype, so it is as large as the original.
+    """
+
     layers: list[LayerResult]
     size_before_bytes: int
-    size_after_bytes: int
+    packed_size_bytes: int
     quantized_params: int
     total_params: int
     seconds: float
+    cpu_seconds: float | None = None
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)
+    size_on_disk_bytes: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -31,7 +42,8 @@ class QuantizationReport:
 
     @property
     def compression(self) -> float:
-        return self.size_before_bytes / max(1, self.size_after_bytes)
+        """Original size over the packed size."""
+        return self.size_before_bytes / max(1, self.packed_size_bytes)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -42,10 +54,13 @@ class QuantizationReport:
                 "total_params": self.total_params,
                 "avg_bits_per_weight": _finite(self.avg_bits_per_weight),
                 "size_before_bytes": self.size_before_bytes,
-                "size_after_bytes": self.size_after_bytes,
+                "packed_size_bytes": self.packed_size_bytes,
+                "size_on_disk_bytes": self.size_on_disk_bytes,
                 "compression": self.compression,
                 "seconds": self.seconds,
+                "cpu_seconds": self.cpu_seconds,
             },
+            "timings": self.timings,
             **self.extra,
         }
 
@@ -78,12 +93,19 @@ class QuantizationReport:
             t.add_row(*cells)
         if max_rows is not None and len(self.layers) > max_rows:
             t.add_row(f"... {len(self.layers) - max_rows} more", *[""] * (len(t.columns) - 1))
+        disk = "" if self.size_on_disk_bytes is None else f"; on disk {_mb(self.size_on_disk_bytes)}"
         t.caption = (
             f"{len(self.layers)} layers, {self.quantized_params / 1e6:.2f}M of {self.total_params / 1e6:.2f}M params quantized, "
-            f"avg {self.avg_bits_per_weight:.4f} bits/weight; size {_mb(self.size_before_bytes)} -> {_mb(self.size_after_bytes)} "
-            f"({self.compression:.2f}x); {self.seconds:.1f}s"
+            f"avg {self.avg_bits_per_weight:.4f} bits/weight; {_mb(self.size_before_bytes)} -> packed "
+            f"{_mb(self.packed_size_bytes)} ({self.compression:.2f}x){disk}; {self.seconds:.1f}s"
         )
         return t
+
+    def timings_table(self):
+        """Where the time went: wall and CPU seconds per phase (a rich Table)."""
+        from .pipeline.timing import timings_table
+
+        return timings_table(self.timings, self.seconds, self.cpu_seconds)
 
 
 def _out_err(r: LayerResult) -> str:
@@ -108,6 +130,8 @@ def build_report(
     seconds: float,
     storage_dtype: torch.dtype | None = None,
     extra: dict[str, Any] | None = None,
+    cpu_seconds: float | None = None,
+    timings: dict[str, dict[str, float]] | None = None,
 ) -> QuantizationReport:
     """Sizes before/after count every parameter: quantized weights at their exact bits per weight,
     everything else at its stored size (``storage_dtype``, e.g. the checkpoint's fp16, when the
@@ -133,9 +157,18 @@ def build_report(
     return QuantizationReport(
         layers=layers,
         size_before_bytes=before,
-        size_after_bytes=after,
+        packed_size_bytes=after,
         quantized_params=sum(r.numel for r in layers),
         total_params=total,
         seconds=seconds,
+        cpu_seconds=cpu_seconds,
+        timings=dict(timings or {}),
         extra=extra,
     )
+
+
+def weight_files_bytes(directory) -> int:
+    """Bytes of a checkpoint directory's weight files (``*.safetensors``, ``*.gguf``)."""
+    from pathlib import Path
+
+    return sum(f.stat().st_size for f in Path(directory).iterdir() if f.suffix in (".safetensors", ".gguf"))

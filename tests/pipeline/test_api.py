@@ -24,7 +24,7 @@ def test_rtn_through_the_api_quantizes_every_block_linear_and_reports():
         assert 0 < r.rel_weight_error < 0.2
     assert torch.equal(model.lm_head.weight, original["lm_head"])
     totals = res.report.to_dict()["totals"]
-    assert totals["size_after_bytes"] < totals["size_before_bytes"]
+    assert totals["packed_size_bytes"] < totals["size_before_bytes"]
     assert set(res.quantized) == set(names)
 
 
@@ -150,3 +150,39 @@ def test_calibration_from_a_hugging_face_dataset(monkeypatch):
     assert data.input_ids.shape == (3, 32)
     with pytest.raises(CalibrationError, match="no field 'content'"):
         from_hf_dataset("some/corpus", tok, text_field="content", n_samples=3, seq_len=32)
+
+
+def test_the_library_has_no_side_effects_on_the_callers_process():
+    """``import lowbit`` leaves the environment alone, and ``lowbit.quantize`` neither reads nor resets torch's
+    global random state (its results depend on ``seed`` only)."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, lowbit, lowbit.algorithms; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert res.stdout.strip() == "None", res.stderr
+
+    ids = random_ids(8, 16, seed=3)
+
+    def run(seed):
+        model = build_family("llama")
+        torch.manual_seed(seed)
+        state = torch.get_rng_state()
+        lowbit.quantize(model, GPTQ(format="int4", group_size=32), calibration=ids, progress=False)
+        assert torch.equal(torch.get_rng_state(), state)  # the caller's stream continues where it was
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    a, b = run(0), run(12345)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_report_says_where_the_time_went():
+    ids = random_ids(8, 16, seed=4)
+    res = lowbit.quantize(build_family("llama"), [GPTQ(format="int4", group_size=32)], calibration=ids, progress=False)
+    timings = res.report.timings
+    assert {"capture", "gptq"} <= set(timings)
+    assert all(v["wall_s"] >= 0 and v["cpu_s"] >= 0 for v in timings.values())
+    assert sum(v["wall_s"] for v in timings.values()) <= res.report.seconds
+    assert res.report.to_dict()["timings"] == timings

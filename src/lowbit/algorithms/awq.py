@@ -6,12 +6,29 @@ MLP norm, o after v, down after up, where shapes allow), search ``alpha`` on a g
 minimise the error of the group's output with quantized ``W*s`` on inputs ``x/s``; fold ``1/s`` into
 the producer so the full-precision function is unchanged; then search a clipping range per
 weight group that minimises the output error; then round (unless a later step quantizes).
+
+Two objectives for the scale search (``objective``):
+
+- ``layer`` (default), the paper's equation 4: the error of each linear's own output,
+  ``sum_l ||X W_l^T - (X/s) Q(W_l s)^T||^2``. It is a quadratic form in the input covariance
+  ``H = X^T X``: ``sum_l tr(D_l H D_l^T)`` with ``D_l = W_l - Q(W_l s)/s``. The search then needs
+  no pass over tokens; ``H`` is accumulated once while the inputs are collected, and the grid
+  is evaluated in batches of ``alpha``.
+- ``module``: what llm-awq and AutoAWQ measure, the output of the whole module the linears feed
+  (the attention for q/k/v, the MLP for gate/up), run on ``module_tokens`` calibration tokens for
+  every grid point. Groups without such a module (o_proj, down_proj) use the closed form, which
+  is then exactly that objective.
+
+The clip search always uses the closed form (per weight group, the covariance of that group's
+inputs, a block of ``H``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from typing import Literal
 
 import torch
 from pydantic import Field
@@ -22,7 +39,7 @@ from ..models import set_weight, weight_of
 from ..pipeline.tensors import first_tensor, to_device
 from .base import Step, WeightQuantConfig, match_name, register_step
 from .folding import divide_producer_outputs, multiply_consumer_inputs
-from .hessian import output_error
+from .hessian import Hessian, HessianAccumulator, diagonal_blocks, output_error
 
 log = logging.getLogger(__name__)
 
@@ -31,26 +48,65 @@ class AWQConfig(WeightQuantConfig):
     """AWQ options (besides the format).
 
     Attributes:
-        grid: number of ``alpha`` values tried in ``[0, 1)``.
+        grid: number of ``alpha`` values tried in ``[0, 1)``: ``i / grid``.
         duo_scaling: divide by ``mean|w|^(1-alpha)`` as well (AutoAWQ's default); ``False`` is the
             paper's ``s = mean|x|^alpha``.
+        objective: ``layer`` (the paper's per-linear output error, in closed form) or ``module``
+            (llm-awq's and AutoAWQ's: the output of the attention or MLP the group feeds, run on
+            ``module_tokens`` tokens per grid point); see the module docstring.
+        module_tokens: calibration tokens (whole sequences) the ``module`` objective runs.
         clip_search: search a clipping range per weight group after scaling.
-        clip_grid, clip_max_shrink: clip ratios tried, from 1 down to ``1 - clip_max_shrink``.
+        clip_grid, clip_max_shrink: the clip ratios tried, as ``clip_grid_style`` spreads them.
+        clip_grid_style: ``fine`` (lowbit's): ``clip_grid`` ratios ``1 - clip_max_shrink * i /
+            clip_grid``, 1.0 ... 0.525 with the defaults; ``autoawq`` (llm-awq's and AutoAWQ's):
+            ``1 - i / clip_grid`` for ``i < clip_max_shrink * clip_grid``, ten ratios 1.0 ... 0.55.
         clip_skip: layer-name patterns whose weights are not clipped (query/key projections,
             whose errors the softmax amplifies).
-        max_tokens: calibration tokens used per group for the searches (subsampled, seeded).
+        max_tokens: calibration tokens the statistics (``H``, ``mean|x|``) are taken from
+            (a seeded random subset when there are more).
         quantize: round the weights after scaling and clipping. ``False`` (or a later quantizer
             step on the same layers, e.g. AWQ then GPTQ) leaves them in full precision.
     """
 
     grid: int = Field(20, ge=1)
     duo_scaling: bool = True
+    objective: Literal["layer", "module"] = "layer"
+    module_tokens: int = Field(4096, ge=1)
     clip_search: bool = True
     clip_grid: int = Field(20, ge=1)
     clip_max_shrink: float = Field(0.5, gt=0.0, lt=1.0)
+    clip_grid_style: Literal["fine", "autoawq"] = "fine"
     clip_skip: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "query", "key"])
     max_tokens: int = Field(65536, ge=16)
     quantize: bool = True
+
+    def clip_ratios(self) -> list[float]:
+        if self.clip_grid_style == "autoawq":
+            return [1 - i / self.clip_grid for i in range(max(1, int(self.clip_max_shrink * self.clip_grid)))]
+        return [1 - self.clip_max_shrink * i / self.clip_grid for i in range(self.clip_grid)]
+
+
+class _InputStatistics:
+    """``H = 2/n X^T X`` and ``mean|x|`` of a group's input, accumulated batch by batch from a
+    seeded random ``fraction`` of the tokens (no copy of the activations is kept)."""
+
+    def __init__(self, columns: int, device: torch.device, fraction: float, seed: int = 0):
+        self.hessian = HessianAccumulator(columns, device)
+        self.abs_sum = torch.zeros(columns, dtype=torch.float64, device=device)
+        self.fraction = fraction
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])
+        if self.fraction < 1.0:
+            keep = max(1, round(self.fraction * x.shape[0]))
+            x = x[torch.randperm(x.shape[0], generator=self.generator)[:keep].to(x.device)]
+        self.abs_sum += x.abs().sum(0, dtype=torch.float64)
+        self.hessian.add(x)
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        return (self.abs_sum / max(1, self.hessian.tokens)).float()
 
 
 @register_step
@@ -73,25 +129,26 @@ class AWQ(Step):
         start = time.perf_counter()
         records: dict[str, dict] = {}
         groups = unit.groups if unit.has_calibration else []
+        fraction = min(1.0, cfg.max_tokens / max(1, unit.inputs.tokens())) if unit.has_calibration else 1.0
         for group in groups:
             names = {unit.full_name(rel): m for rel, m in group.linears.items()}
             if not any(n in selected for n in names):
                 continue
             first = next(iter(group.linears.values()))
-            xs = _subsample(unit.capture_inputs(first), cfg.max_tokens)
-            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).float()
-            H = _hessian(x)
+            stats = _InputStatistics(weight_of(first).shape[1], unit.device, fraction)
+            unit.collect({"_": first}, lambda _n, x, stats=stats: stats.add(x))
+            H = stats.hessian.H
             originals = {n: weight_of(m).detach().float().clone() for n, m in names.items()}
-            s = torch.ones(x.shape[-1], device=x.device)
+            s = torch.ones(H.shape[0], device=unit.device)
             if group.prev is not None:
-                s = self._search_scales(unit, group, names, selected, x, quantizer)
+                s = self._search_scales(unit, group, names, selected, stats.mean_abs, H, quantizer)
                 divide_producer_outputs(group.prev, s, unit.norm_offset)
                 multiply_consumer_inputs(list(names.values()), s)
             for n, m in names.items():
                 if n not in selected:
                     continue
                 if cfg.clip_search and not any(match_name(n, p) for p in cfg.clip_skip):
-                    self._clip(m, x / s, quantizer)
+                    clip_to_output_error(m, H, s, quantizer, cfg.clip_ratios())
                 records[n] = {"H": H, "orig": originals[n], "s": s}
         if self.followed_by_quantizer or not cfg.quantize:
             log.info("%s: AWQ scaled/clipped %d layers without rounding them", unit.name, len(records))
@@ -119,82 +176,118 @@ class AWQ(Step):
 
     # ------------------------------------------------------------------ scale search
     @torch.no_grad()
-    def _search_scales(self, unit, group, names: dict[str, nn.Module], selected, x: torch.Tensor, quantizer: Quantizer):
+    def _search_scales(
+        self, unit, group, names: dict[str, nn.Module], selected, x_mean: torch.Tensor, H: Hessian, quantizer
+    ) -> torch.Tensor:
         cfg: AWQConfig = self.config
         modules = list(names.values())
-        weights = [weight_of(m).detach().float().clone() for m in modules]
-        x_mean = x.abs().mean(0)
-        w_mean = _normalised_weight_mean(torch.cat(weights), quantizer)
-        evaluate = self._group_output_fn(unit, group, modules, x)
-        reference = evaluate()
-        best, best_err, best_s = None, float("inf"), None
-        for step in range(cfg.grid):
-            alpha = step / cfg.grid
-            if cfg.duo_scaling:
-                s = x_mean.pow(alpha) / w_mean.pow(1 - alpha).clamp(min=1e-4)
-            else:
-                s = x_mean.pow(alpha)
-            s = s.clamp(min=1e-4)
-            s = s / (s.max() * s.min()).sqrt()
-            for m, w, n in zip(modules, weights, names):
-                q = quantizer.dequantize(quantizer.quantize(w * s)) if n in selected else w * s
+        weights = [weight_of(m).detach().float() for m in modules]
+        candidates = awq_candidate_scales(x_mean, torch.cat(weights), quantizer, cfg.grid, cfg.duo_scaling)
+        if cfg.objective == "module" and group.inspect is not None:
+            errors = self._module_errors(unit, group, modules, weights, [n in selected for n in names], candidates)
+        else:
+            errors = layer_output_errors(weights, [n in selected for n in names], H, candidates, quantizer)
+        best = int(torch.argmin(errors))
+        log.debug("%s: AWQ alpha %.2f for %s", unit.name, best / cfg.grid, list(names))
+        return candidates[best]
+
+    def _module_errors(self, unit, group, modules, weights, rounded, candidates: torch.Tensor) -> torch.Tensor:
+        """For each candidate scale, the squared error of the inspect module's output (llm-awq's
+        objective), on ``module_tokens`` tokens."""
+        calls = _first_calls(unit.capture_calls(group.inspect), self.config.module_tokens)
+        device = unit.device
+        quantizer = Quantizer(self.config.spec)
+
+        def run():
+            return [first_tensor(group.inspect(*to_device(a, device), **to_device(k, device))) for a, k in calls]
+
+        reference = run()
+        weights = [w.clone() for w in weights]  # the layers' own tensors are overwritten below
+        errors = torch.empty(len(candidates), dtype=torch.float64)
+        for i, s in enumerate(candidates):
+            for m, w, r in zip(modules, weights, rounded):
+                q = quantizer.dequantize(quantizer.quantize(w * s)) if r else w * s
                 set_weight(m, q / s)
-            err = float(sum((a - b).float().pow(2).mean() for a, b in zip(evaluate(), reference)))
-            if err < best_err:
-                best, best_err, best_s = alpha, err, s.clone()
+            errors[i] = sum(float((a - b).float().pow(2).sum()) for a, b in zip(run(), reference))
         for m, w in zip(modules, weights):
             set_weight(m, w)
-        log.debug("%s: AWQ alpha %.2f for %s", unit.name, best, list(names))
-        return best_s
+        return errors
 
-    def _group_output_fn(self, unit, group, modules: list[nn.Module], x: torch.Tensor):
-        """Outputs that measure the group's error: the inspect module's (e.g. the whole attention)
-        or, without one, the group's own linears on the captured inputs."""
-        if group.inspect is not None:
-            calls = _subsample_calls(unit.capture_calls(group.inspect), self.config.max_tokens)
-            device = unit.device
 
-            def run_inspect():
-                return [first_tensor(group.inspect(*to_device(a, device), **to_device(k, device))) for a, k in calls]
+def awq_candidate_scales(
+    x_mean: torch.Tensor, w: torch.Tensor, quantizer: Quantizer, grid: int, duo_scaling: bool
+) -> torch.Tensor:
+    """The ``grid`` candidate scale vectors ``[grid, in]``, for ``alpha = i / grid``, normalised so
+    that ``max(s) * min(s) = 1`` (as AutoAWQ does)."""
+    w_mean = _normalised_weight_mean(w, quantizer)
+    out = []
+    for step in range(grid):
+        alpha = step / grid
+        s = x_mean.pow(alpha)
+        if duo_scaling:
+            s = s / w_mean.pow(1 - alpha).clamp(min=1e-4)
+        s = s.clamp(min=1e-4)
+        out.append(s / (s.max() * s.min()).sqrt())
+    return torch.stack(out)
 
-            return run_inspect
 
-        # x is float32 (for the statistics); the layers compute in their own dtype, as in the model
-        by_dtype = {dtype: x.to(dtype) for dtype in {weight_of(m).dtype for m in modules}}
+@torch.no_grad()
+def layer_output_errors(
+    weights: list[torch.Tensor],
+    rounded: list[bool],
+    H: Hessian,
+    candidates: torch.Tensor,
+    quantizer: Quantizer,
+    budget_mib: float = 256.0,
+) -> torch.Tensor:
+    """``sum_l tr(D_l H D_l^T)`` with ``D_l = W_l - Q(W_l s)/s`` for every candidate ``s`` (a row
+    of ``candidates``): the summed squared output error of the group's linears on the inputs
+    ``H`` was accumulated from. Linears not ``rounded`` (not targeted) contribute nothing.
+    Candidates are evaluated in batches whose float32 working set stays near ``budget_mib``."""
+    errors = torch.zeros(len(candidates), dtype=torch.float64)
+    for w, r in zip(weights, rounded):
+        if not r:
+            continue
+        rows, cols = w.shape
+        per_candidate = 3 * rows * cols * 4
+        batch = 1 if quantizer.spec.global_scale else max(1, int(budget_mib * 2**20) // per_candidate)
+        for a in range(0, len(candidates), batch):
+            s = candidates[a : a + batch].to(w.device)  # [k, in]
+            scaled = (w[None] * s[:, None, :]).reshape(-1, cols)
+            delta = quantizer.dequantize(quantizer.quantize(scaled)).reshape(len(s), rows, cols)
+            delta.div_(s[:, None, :]).sub_(w).neg_()  # W - Q(W s)/s
+            for i in range(len(s)):
+                errors[a + i] += output_error(delta[i], H)
+    return errors
 
-        def run_linears():
-            return [m(by_dtype[weight_of(m).dtype]) for m in modules]
 
-        return run_linears
-
-    # ------------------------------------------------------------------ clipping
-    @torch.no_grad()
-    def _clip(self, module: nn.Module, x: torch.Tensor, quantizer: Quantizer) -> None:
-        """Per weight group, the clip ratio that minimises the output error on inputs ``x``."""
-        cfg: AWQConfig = self.config
-        w = weight_of(module).detach().float()
-        wg = quantizer.group_view(w)  # [rows, G, S]
-        rows, G, S = wg.shape
-        if quantizer.spec.granularity == "tensor":
-            return
-        xg = x.reshape(-1, G, S)
-        C = torch.einsum("tgk,tgl->gkl", xg, xg) / xg.shape[0]  # per-group input covariance
-        gscale = quantizer.global_scale_for(w)
-        amax = wg.abs().amax(-1, keepdim=True)
-        best_err = torch.full((rows, G), float("inf"), device=w.device)
-        best_max = amax.clone()
-        for i in range(cfg.clip_grid):
-            ratio = 1 - cfg.clip_max_shrink * i / cfg.clip_grid
-            lim = amax * ratio
-            clipped = torch.clamp(wg, -lim, lim)
-            p: QParams = quantizer.compute_params(clipped, 1.0, gscale)
-            delta = wg - quantizer.decode(quantizer.encode(clipped, p), p)
-            err = torch.einsum("rgk,gkl,rgl->rg", delta, C, delta)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_max = torch.where(better[..., None], lim, best_max)
-        clipped = torch.clamp(wg, -best_max, best_max).reshape(w.shape)
-        set_weight(module, clipped)
+@torch.no_grad()
+def clip_to_output_error(
+    module: nn.Module, H: Hessian, s: torch.Tensor, quantizer: Quantizer, ratios: list[float]
+) -> None:
+    """Per weight group, the clip ratio (of the group's absmax) that minimises the output error on
+    the inputs ``x / s`` (their per-group covariance is a diagonal block of ``H`` scaled by ``1/s``)."""
+    w = weight_of(module).detach().float()
+    if quantizer.spec.granularity == "tensor":
+        return
+    wg = quantizer.group_view(w)  # [rows, G, S]
+    rows, G, S = wg.shape
+    inv = (1.0 / s).reshape(G, S)
+    C = diagonal_blocks(H, S).to(w.device) * inv[:, :, None] * inv[:, None, :]  # [G, S, S]
+    gscale = quantizer.global_scale_for(w)
+    amax = wg.abs().amax(-1, keepdim=True)
+    best_err = torch.full((rows, G), float("inf"), device=w.device)
+    best_max = amax.clone()
+    for ratio in ratios:
+        lim = amax * ratio
+        clipped = torch.clamp(wg, -lim, lim)
+        p: QParams = quantizer.compute_params(clipped, 1.0, gscale)
+        delta = wg - quantizer.decode(quantizer.encode(clipped, p), p)
+        err = torch.einsum("rgk,gkl,rgl->rg", delta, C, delta)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_max = torch.where(better[..., None], lim, best_max)
+    set_weight(module, torch.clamp(wg, -best_max, best_max).reshape(w.shape))
 
 
 def _normalised_weight_mean(w: torch.Tensor, quantizer: Quantizer) -> torch.Tensor:
@@ -204,28 +297,14 @@ def _normalised_weight_mean(w: torch.Tensor, quantizer: Quantizer) -> torch.Tens
     return scaled.reshape(w.shape).mean(0)
 
 
-def _hessian(x: torch.Tensor) -> torch.Tensor:
-    return 2.0 * x.T @ x / max(1, x.shape[0])
-
-
-def _subsample(xs: list[torch.Tensor], max_tokens: int) -> list[torch.Tensor]:
-    flat = [t.reshape(-1, t.shape[-1]) for t in xs]
-    total = sum(t.shape[0] for t in flat)
-    if total <= max_tokens:
-        return flat
-    x = torch.cat(flat)
-    gen = torch.Generator().manual_seed(0)
-    idx = torch.randperm(total, generator=gen)[:max_tokens].to(x.device)
-    return [x[idx]]
-
-
-def _subsample_calls(calls: list, max_tokens: int) -> list:
-    """Keep whole calls (sequences) until about ``max_tokens`` tokens."""
+def _first_calls(calls: list, max_tokens: int) -> list:
+    """Whole calls (batches of sequences, in calibration order: seeded random windows) until about
+    ``max_tokens`` tokens."""
     out, used = [], 0
     for a, k in calls:
         h = a[0] if a else next(iter(v for v in k.values() if isinstance(v, torch.Tensor)))
         out.append((a, k))
-        used += h.numel() // h.shape[-1]
+        used += math.prod(h.shape[:-1])
         if used >= max_tokens:
             break
     return out

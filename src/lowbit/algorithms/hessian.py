@@ -100,6 +100,16 @@ def diagonal(H: Hessian) -> torch.Tensor:
     return H.diagonal() if isinstance(H, PackedSymmetric) else torch.diag(H)
 
 
+def diagonal_blocks(H: Hessian, size: int) -> torch.Tensor:
+    """The ``size x size`` blocks on the diagonal of ``H``, as ``[n / size, size, size]``: the
+    covariances of each group of inputs on its own."""
+    n = H.shape[0]
+    if isinstance(H, PackedSymmetric):
+        return torch.stack([H.rows(a, a + size)[:, a : a + size] for a in range(0, n, size)])
+    groups = n // size
+    return H.reshape(groups, size, groups, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
 def mean_diagonal(H: Hessian) -> float:
     """Mean of ``diag(H)`` after GPTQ's fix of dead inputs (a zero diagonal entry counts as 1)."""
     d = diagonal(H)

@@ -138,7 +138,23 @@ def from_file(path: str | Path, tokenizer, **kwargs) -> CalibrationData:
     p = Path(path)
     if not p.is_file():
         raise CalibrationError(f"calibration file {p} does not exist")
-    return from_text(p.read_text(encoding="utf-8", errors="replace"), tokenizer, source=str(p), **kwargs)
+    return from_text(read_text_file(p, "calibration"), tokenizer, source=str(p), **kwargs)
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file; one that is not text (a binary file, another encoding) is refused: decoded
+    with replacement characters it would still "calibrate", on garbage."""
+    data = path.read_bytes()
+    text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") + text.count("\x00")
+    share = bad / max(1, len(text))
+    if share > 0.01:
+        raise CalibrationError(
+            f"{what} file {path} does not look like UTF-8 text ({share:.0%} of it is undecodable or NUL bytes)"
+        )
+    if bad:
+        log.warning("%s file %s: %d undecodable characters replaced", what, path, bad)
+    return text
 
 
 def from_hf_dataset(

@@ -1,18 +1,21 @@
-"""The ``lowbit`` command: a thin layer over the Python API."""
+"""The ``lowbit`` command: a thin layer over the Python API.
+
+Parsing, ``--help`` and ``--version`` import neither torch nor transformers; a command imports
+what it needs when it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-
-from rich.console import Console
-from rich.logging import RichHandler
 
 from .. import __version__
 from . import eval_cmd, models_cmd, quantize_cmd, vq_cmd
 
 COMMANDS = (quantize_cmd, eval_cmd, models_cmd, vq_cmd)
+INTERRUPTED = "lowbit: interrupted; no output was written (the same command resumes a quantize run)"
 
 
 class UsageError(Exception):
@@ -34,43 +37,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _error(message: str) -> None:
+    _stderr_console().print(f"lowbit: error: {message}", highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    err = Console(stderr=True)
     try:
         args = parser.parse_args(argv)
     except UsageError as exc:
-        err.print(f"lowbit: error: {exc}", highlight=False, soft_wrap=True)
+        _error(str(exc))
         return 2
-    logging.basicConfig(
-        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
-        format="%(message)s",
-        handlers=[RichHandler(console=err, show_path=False)],
-        force=True,
-    )
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
     if args.command is None:
         parser.print_help()
         return 2
+    _setup_process(args.verbose)
     try:
         return args.run(args)
     except UsageError as exc:
-        err.print(f"lowbit: error: {exc}", highlight=False, soft_wrap=True)
+        _error(str(exc))
         return 2
     except KeyboardInterrupt:
-        err.print(
-            "lowbit: interrupted; no output was written (the same command resumes a quantize run)", highlight=False
-        )
+        print(INTERRUPTED, file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
         if args.verbose >= 2:
             raise
         where = "".join(f" ({note})" for note in getattr(exc, "__notes__", ()))
-        err.print(f"lowbit: error: {exc}{where}", highlight=False, soft_wrap=True)
-        return 2 if isinstance(exc, (ValueError, FileNotFoundError, FileExistsError)) else 1
+        _error(f"{exc}{where}")
+        # bad input (values, files, permissions, the network) is the user's to fix: 2; a failure inside a run: 1
+        return 2 if isinstance(exc, (ValueError, OSError)) else 1
+
+
+def _setup_process(verbose: int) -> None:
+    """Process-wide settings belong to the command, not to the library."""
+    from rich.logging import RichHandler
+
+    # scipy's OpenBLAS (the LAPACK behind packed Hessians) keeps its threads spinning for a while
+    # after each call, taking the cores from torch's threads: matmuls right after ran 12% slower
+    # on 2 cores. Let them sleep almost at once. Read when scipy.linalg loads, later.
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+    logging.basicConfig(
+        level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+        format="%(message)s",
+        handlers=[RichHandler(console=_stderr_console(), show_path=False)],
+        force=True,
+    )
+    # transformers' own progress bars and advice lines would interleave with lowbit's bar
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def entry() -> None:
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C before a command runs (while Python starts, while argv is parsed)
+        print(INTERRUPTED, file=sys.stderr)
+        sys.exit(130)

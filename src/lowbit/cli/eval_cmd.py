@@ -1,19 +1,18 @@
-"""``lowbit eval MODEL [--reference ORIGINAL] [--ppl] [--kl] [--embeddings] [--json]``."""
+"""Evaluate a model: perplexity, KL divergence and top-1 agreement to a reference, embedding fidelity,
+lm-eval tasks. Causal LMs get perplexity (and KL with --reference); encoders get embedding fidelity.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from rich.console import Console
-from rich.table import Table
-
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "eval", help="evaluate a model (perplexity, KL to a reference, embedding fidelity)", description=__doc__
     )
-    p.add_argument("model", help="built-in model name, model directory or hub id")
+    p.add_argument("model", help="built-in model name, model directory or hub id (org/name)")
     p.add_argument(
         "--reference", default=None, help="the full-precision original to compare against (name or directory)"
     )
@@ -26,21 +25,36 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--stride", type=int, default=None, help="tokens the window advances (default half the context)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the text")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks (needs lowbit[lm-eval])")
+    p.add_argument("--batch-size", type=int, default=8, help="windows (or sentences) per forward pass (default: 8)")
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help="comma-separated lm-eval tasks (needs lowbit[lm-eval] and the tasks' datasets: on a machine "
+        "without network, local task YAML files through --tasks-path)",
+    )
     p.add_argument("--tasks-path", default=None, help="folder of lm-eval task YAML files")
     p.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
+    from rich.console import Console
+    from rich.table import Table
 
     from ..eval import embedding_fidelity, evaluate_language, run_lm_eval, tokenize_text
     from ..models import load_model
 
+    if args.tasks:
+        import os
+
+        from ..models.hub import hub_unreachable_reason
+
+        if hub_unreachable_reason() is not None:  # datasets would retry each download several times first
+            os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load_model(args.model, device=device)
     reference = load_model(args.reference, device=device) if args.reference else None

@@ -1,12 +1,9 @@
-"""``lowbit models``: the built-in models and where they are."""
+"""List the built-in models (names every command accepts in place of a directory) and where they are."""
 
 from __future__ import annotations
 
 import argparse
 import json
-
-from rich.console import Console
-from rich.table import Table
 
 
 def add_parser(sub) -> None:
@@ -16,6 +13,9 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
     from ..models import BUILTIN_MODELS
 
     rows = []

@@ -1,23 +1,31 @@
-"""``lowbit quantize MODEL --method rtn --bits 4 --group-size 128 --out OUT``."""
+"""Quantize a model and save it: lowbit quantize MODEL --method gptq --bits 4 --group-size 128 --out OUT.
+
+The model is streamed block by block from its safetensors files; progress is kept after every
+block (the same command resumes after a crash); the output directory appears only when complete.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from rich.console import Console
+from .steps import builtin_step_names
 
-from ..algorithms import STEPS
+#: checkpoints from this size on stream with glibc's allocator tuned to give memory back at once
+#: (PipelineOptions.tune_allocator): it lowers the peak of big models and slows small ones
+TUNE_ALLOCATOR_FROM_BYTES = 1 << 30
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model and save it", description=__doc__)
-    p.add_argument("model", help="built-in model name (see `lowbit models`), model directory or hub id")
+    p.add_argument("model", help="built-in model name (see `lowbit models`), model directory or hub id (org/name)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument(
         "--method",
         default="rtn",
-        help=f"method, or methods joined by '+' (e.g. awq+gptq); one of {', '.join(sorted(STEPS))}",
+        help=f"method, or methods joined by '+' (e.g. awq+gptq); one of {', '.join(builtin_step_names())} "
+        "(default: rtn)",
     )
     p.add_argument(
         "--format",
@@ -46,7 +54,7 @@ def add_parser(sub) -> None:
         default=None,
         help="tokens per calibration sequence (default 512, or the model's context if shorter)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration sampling (default: 0)")
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
     p.add_argument(
         "--batch-size",
@@ -90,6 +98,7 @@ def add_parser(sub) -> None:
 
 
 def build_recipe(args: argparse.Namespace):
+    from ..algorithms import STEPS
     from ..recipe import Recipe, as_recipe
 
     if args.recipe:
@@ -115,13 +124,17 @@ def build_recipe(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..export.atomic import check_output_dir
+
+    check_output_dir(args.out, args.overwrite)  # before the imports: a wrong --out fails at once
+
     import torch
+    from rich.console import Console
 
     from ..api import quantize_checkpoint
-    from ..export import check_output_dir
+    from ..models import resolve_model_path
     from ..pipeline import PipelineOptions, SanityThresholds
 
-    check_output_dir(args.out, args.overwrite)
     for name in ("n_samples", "seq_len", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -132,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.sanity_max_kl > 0:
         raise ValueError(f"--sanity-max-kl must be > 0, got {args.sanity_max_kl}")
     recipe = build_recipe(args)
+    model = resolve_model_path(args.model)
     options = PipelineOptions(
         device=args.device,
         batch_size=args.batch_size,
@@ -140,9 +154,10 @@ def run(args: argparse.Namespace) -> int:
         sanity_samples=args.sanity_samples,
         sanity=SanityThresholds(max_kl=args.sanity_max_kl),
         sanity_generate=args.sanity_generate,
+        tune_allocator=_weights_bytes(model) >= TUNE_ALLOCATOR_FROM_BYTES,
     )
     run_ = quantize_checkpoint(
-        args.model,
+        model,
         recipe,
         args.out,
         calibration=args.calibration,
@@ -169,10 +184,15 @@ def run(args: argparse.Namespace) -> int:
     console.print(run_.report.table())
     if run_.sanity is not None:
         console.print(sanity_table(run_.sanity))
+    console.print(run_.report.timings_table())
     if run_.resumed_from_block:
         console.print(f"resumed an interrupted run at block {run_.resumed_from_block}")
     console.print(f"saved to [bold]{run_.out_dir}[/bold]")
     return 0
+
+
+def _weights_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
 
 
 def sanity_table(report):

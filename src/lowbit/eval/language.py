@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..calibration import builtin_text_path
+from ..calibration.data import read_text_file
 from ..pipeline.progress import ProgressReporter
 from .windows import sliding_windows
 
@@ -40,10 +42,9 @@ def tokenize_text(
 ) -> torch.Tensor:
     """Token ids of ``text``, of the file ``path``, or of the built-in held-out text."""
     if text is None:
-        source = path or builtin_text_path("heldout")
+        source = Path(path or builtin_text_path("heldout"))
         try:
-            with open(source, encoding="utf-8", errors="replace") as f:
-                text = f.read()
+            text = read_text_file(source, "evaluation text")
         except OSError as exc:
             raise FileNotFoundError(f"cannot read evaluation text {source}: {exc.strerror}") from None
     ids = torch.tensor(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"], dtype=torch.long)

@@ -17,6 +17,10 @@ class LMEvalUnavailable(RuntimeError):
     """lm-eval is not installed."""
 
 
+class LMEvalDataUnavailable(OSError):
+    """A task's dataset cannot be loaded (e.g. no network to reach the hub)."""
+
+
 def run_lm_eval(
     model: nn.Module,
     tokenizer,
@@ -35,14 +39,21 @@ def run_lm_eval(
         raise LMEvalUnavailable("zero-shot tasks need the optional extra: pip install 'lowbit[lm-eval]'") from exc
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(next(model.parameters()).device))
     manager = TaskManager(include_path=str(include_path) if include_path else None)
-    out = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=manager,
-        log_samples=False,
-    )
+    try:
+        out = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=manager,
+            log_samples=False,
+        )
+    except (OSError, ConnectionError) as exc:  # the datasets hub client's errors are OSErrors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LMEvalDataUnavailable(
+            f"lm-eval could not load the data of {', '.join(tasks)}: {first}. Without network, point "
+            "--tasks-path (include_path) at task YAML files whose datasets are on this machine"
+        ) from None
     results = {}
     for task, metrics in out["results"].items():
         results[task] = {

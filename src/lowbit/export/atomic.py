@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,23 @@ def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
         )
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"output path {out} exists and is not a directory")
+    check_writable(out)
     return out
+
+
+def check_writable(out: Path) -> None:
+    """Fail now, not after hours of work, if ``out`` cannot be created: a file is made and removed
+    in its nearest existing parent (permission bits alone miss read-only file systems and root)."""
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputExistsError(f"cannot create {out}: {parent} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"cannot write the output {out}: {parent} is not writable ({exc.strerror})") from None
 
 
 @contextlib.contextmanager

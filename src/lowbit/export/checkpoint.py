@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,14 @@ def save_model_dir(
     *,
     tokenizer: Any = None,
     dtype: torch.dtype | None = None,
-    extra_files: dict[str, str] | None = None,
+    extra_files: dict[str, str | Callable[[Path], str]] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write ``model`` (safetensors + config), its tokenizer and ``extra_files`` atomically.
 
     ``dtype`` converts floating-point tensors on the way out (the model itself is not changed).
+    ``extra_files`` maps names to text, or to a function of the directory being written that
+    returns the text (called after everything else is written).
     """
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         state = model.state_dict()
@@ -38,7 +41,7 @@ def save_model_dir(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+            (tmp / name).write_text(text if isinstance(text, str) else text(tmp))
     log.info("saved %s", out_dir)
     return Path(out_dir)
 

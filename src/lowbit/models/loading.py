@@ -57,8 +57,10 @@ class LoadedModel:
     name: str
 
 
-def resolve_model_path(name_or_path: str | Path) -> Path | str:
-    """A built-in name -> its directory; an existing directory -> itself; anything else -> as given (hub id)."""
+def resolve_model_path(name_or_path: str | Path, download: bool = True) -> Path | str:
+    """The local directory of a model: a built-in name -> its directory; an existing directory ->
+    itself (its ``config.json`` checked); a hub id (``org/name``) -> its download in the hub cache
+    (``download=False``: the id itself). A name that is none of these fails at once."""
     key = str(name_or_path)
     if key in BUILTIN_MODELS:
         return BUILTIN_MODELS[key].path()
@@ -66,17 +68,35 @@ def resolve_model_path(name_or_path: str | Path) -> Path | str:
     if p.exists():
         if not p.is_dir():
             raise ModelLoadError(f"{p} is a file; a model is a directory holding config.json and weights")
-        if not (p / "config.json").exists():
-            raise ModelLoadError(f"{p} has no config.json; is it a Hugging Face model directory?")
+        check_config(p)
         return p
-    if key.startswith((".", "/", "~")) or key.count("/") > 1:
-        raise ModelLoadError(f"model directory {key} does not exist")
-    if key.count("/") != 1:
+    if key.startswith((".", "/", "~")) or key.count("/") != 1 or not all(key.split("/")):
+        hint = "" if "/" in key else f" (built-in models: {', '.join(BUILTIN_MODELS)}; hub ids look like org/name)"
+        raise ModelLoadError(f"no such model directory: {key}{hint}")
+    if not download:
+        return key
+    from .hub import download_model, hub_unreachable_reason
+
+    reason = hub_unreachable_reason()
+    if reason is not None:
         raise ModelLoadError(
-            f"no built-in model or directory named {key!r} (built-in models: {', '.join(BUILTIN_MODELS)}; "
-            "hub ids look like org/name)"
+            f"no such model directory: {key} (nor can it be fetched as a Hugging Face Hub id: {reason})"
         )
-    return key  # a hub id (org/name); from_pretrained will try the hub
+    return download_model(key)
+
+
+def check_config(directory: Path) -> dict:
+    """The model's ``config.json``, or an error naming what is wrong with it."""
+    config = directory / "config.json"
+    if not config.exists():
+        raise ModelLoadError(f"{directory} has no config.json; is it a Hugging Face model directory?")
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{config} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or "model_type" not in data:
+        raise ModelLoadError(f"{config} has no model_type; is it a Hugging Face model config?")
+    return data
 
 
 _ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "deberta", "deberta-v2", "mpnet", "albert"}

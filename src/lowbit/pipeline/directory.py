@@ -27,13 +27,14 @@ from ..export.shards import INDEX, ShardWriter
 from ..models import ModelAdapter
 from ..models.lazy import LazyModel
 from ..recipe import Recipe
-from ..report import QuantizationReport, build_report
+from ..report import QuantizationReport, build_report, weight_files_bytes
 from .memory import return_freed_memory_promptly, trim
 from .plan import Plan, check_plan, estimate, mark_followers
 from .resume import RunDirectory
 from .sanity import SanityCheckFailed, SanityReport
 from .sequential import PipelineOptions, run_pipeline
 from .store import StreamingStore
+from .timing import LOAD, WRITE, PhaseTimes
 
 log = logging.getLogger(__name__)
 
@@ -101,20 +102,29 @@ def quantize_directory(
     force: bool = False,
     dry_run: bool = False,
     tokenizer: Any = None,
+    timings: PhaseTimes | None = None,
+    started: tuple[float, float] | None = None,
 ) -> DirectoryRun:
-    """Quantize the checkpoint in ``model_dir`` with ``recipe`` into ``out_dir``."""
-    start = time.perf_counter()
+    """Quantize the checkpoint in ``model_dir`` with ``recipe`` into ``out_dir``.
+
+    ``timings`` and ``started`` (wall and CPU clock at the start) let a caller that already did
+    part of the work (loading the tokenizer, sampling calibration data) count it in the report.
+    """
+    start, cpu_start = started or (time.perf_counter(), time.process_time())
+    timings = timings if timings is not None else PhaseTimes()
     options = options or PipelineOptions()
     out = check_output_dir(out_dir, overwrite)
-    # The threshold must be fixed before the skeleton is built: building it allocates every
-    # parameter once (untouched) and frees it. Under glibc's default, rising threshold those
-    # allocations come from the heap and leave it with free space as large as the model; later
-    # tensors reuse that space, and freed heap pages stay resident: some runs of a 1.1B model
-    # grew by 1.2 GiB during the first greedy generation (depending on how the heap happened to
-    # be laid out after the skeleton), and stayed there until the end of the first block.
-    return_freed_memory_promptly()
-    lazy = LazyModel(model_dir, device=options.resolved_device())
-    trim()
+    if options.tune_allocator:
+        # The threshold must be fixed before the skeleton is built: building it allocates every
+        # parameter once (untouched) and frees it. Under glibc's default, rising threshold those
+        # allocations come from the heap and leave it with free space as large as the model; later
+        # tensors reuse that space, and freed heap pages stay resident: some runs of a 1.1B model
+        # grew by 1.2 GiB during the first greedy generation (depending on how the heap happened to
+        # be laid out after the skeleton), and stayed there until the end of the first block.
+        return_freed_memory_promptly()
+    with timings.phase(LOAD):
+        lazy = LazyModel(model_dir, device=options.resolved_device())
+        trim()
     save_dtype = save_dtype or lazy.storage_dtype
     adapter = ModelAdapter(lazy.model)
     if adapter.unfuse_experts() and adapter.arch.moe is not None:
@@ -151,7 +161,14 @@ def quantize_directory(
     store = StreamingStore(lazy, writer, save_dtype)
     try:
         result = run_pipeline(
-            lazy.model, recipe.steps, calibration, options, held_back=held_back, store=store, run_dir=run_dir
+            lazy.model,
+            recipe.steps,
+            calibration,
+            options,
+            held_back=held_back,
+            store=store,
+            run_dir=run_dir,
+            timings=timings,
         )
     except BaseException:
         if not run_dir.run_file.exists():  # no block finished: nothing to resume, leave nothing behind
@@ -159,16 +176,26 @@ def quantize_directory(
         raise
     if result.sanity is not None:
         result.sanity.decode(tokenizer)
-    report = build_report(lazy.model, result.state, time.perf_counter() - start, storage_dtype=save_dtype)
+    if result.sanity is not None and not result.sanity.passed and not force:
+        raise SanityCheckFailed(result.sanity)
+    with timings.phase(WRITE):
+        _finish_directory(Path(model_dir), work, writer, tokenizer)
+        run_dir.cleanup()
+    report = build_report(
+        lazy.model,
+        result.state,
+        time.perf_counter() - start,
+        storage_dtype=save_dtype,
+        cpu_seconds=time.process_time() - cpu_start,
+        timings=timings.to_dict(),
+    )
+    report.size_on_disk_bytes = weight_files_bytes(work)
     report.extra.update(
         calibration=calibration.describe() if calibration is not None else None,
         sanity=result.sanity.to_dict() if result.sanity is not None else None,
         peak_rss_bytes=_peak_rss(),
     )
-    if result.sanity is not None and not result.sanity.passed and not force:
-        raise SanityCheckFailed(result.sanity)
-    _finish_directory(Path(model_dir), work, writer, recipe, report, save_dtype, tokenizer)
-    run_dir.cleanup()
+    _write_metadata(Path(model_dir), work, recipe, report, save_dtype)
     _publish(work, out, overwrite)
     return DirectoryRun(out, report, result.sanity, plan, resumed_from_block=resume.next_block if resume else 0)
 
@@ -179,9 +206,8 @@ def _peak_rss() -> int:
     return peak_rss_bytes()
 
 
-def _finish_directory(
-    source: Path, work: Path, writer: ShardWriter, recipe: Recipe, report, save_dtype, tokenizer
-) -> None:
+def _finish_directory(source: Path, work: Path, writer: ShardWriter, tokenizer) -> None:
+    """The index, and the source's other files (config, tokenizer ...) beside the new weights."""
     writer.write_index()
     for item in source.iterdir():
         if item.name.endswith(_WEIGHT_SUFFIXES) or item.name == INDEX or item.name.startswith("lowbit_"):
@@ -191,14 +217,18 @@ def _finish_directory(
             shutil.copytree(item, target, dirs_exist_ok=True)
         else:
             shutil.copy2(item, target)
-    config = json.loads((work / "config.json").read_text())
-    config["dtype"] = str(save_dtype).removeprefix("torch.")
-    config.pop("torch_dtype", None)
-    (work / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if tokenizer is not None and not any(
         (work / n).exists() for n in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
     ):
         tokenizer.save_pretrained(work)
+
+
+def _write_metadata(source: Path, work: Path, recipe: Recipe, report: QuantizationReport, save_dtype) -> None:
+    """The saved dtype in config.json, the recipe and the report."""
+    config = json.loads((work / "config.json").read_text())
+    config["dtype"] = str(save_dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    (work / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (work / "lowbit_recipe.yaml").write_text(recipe.to_yaml())
     meta = {"lowbit_version": __version__, "source_model": str(source), **report.to_dict()}
     (work / "lowbit_report.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -43,12 +43,19 @@ class RunDirectory:
     def __init__(self, path: str | Path, fingerprint: dict):
         self.path = Path(path)
         self.fingerprint = fingerprint
+        self._loaded: ResumePoint | None = None
 
     @property
     def run_file(self) -> Path:
         return self.path / RUN_FILE
 
     def load(self) -> ResumePoint | None:
+        """The recorded progress (read once; later calls return the same point)."""
+        if self._loaded is None:
+            self._loaded = self._read()
+        return self._loaded
+
+    def _read(self) -> ResumePoint | None:
         if not self.run_file.exists():
             return None
         try:
