@@ -37,9 +37,9 @@ from torch import nn
 from ..formats import QParams, Quantizer
 from ..models import set_weight, weight_of
 from ..pipeline.tensors import first_tensor, to_device
-from .base import Step, WeightQuantConfig, match_name, register_step
+from .base import EstimateInputs, Step, StepEstimate, WeightQuantConfig, match_name, register_step
 from .folding import divide_producer_outputs, multiply_consumer_inputs
-from .hessian import Hessian, HessianAccumulator, diagonal_blocks, output_error
+from .hessian import Hessian, HessianAccumulator, diagonal_blocks, hessian_nbytes, output_error
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +173,25 @@ class AWQ(Step):
                 output_error=err,
                 output_error_rtn=err_rtn,
             )
+
+    def estimate(self, inputs: EstimateInputs) -> StepEstimate:
+        """The widest group's input covariance, a batch of candidate weights (``layer_output_errors``
+        keeps it near 256 MiB) and the layers' original weights for the report; one partial block
+        pass to collect the inputs, and ``grid`` runs of the attention/MLP on ``module_tokens`` tokens
+        with the ``module`` objective; the closed-form grid and the clip search."""
+        cfg: AWQConfig = self.config
+        largest = inputs.largest
+        memory = hessian_nbytes(inputs.widest_input, inputs.device) + min(256 * 2**20, 12 * largest * cfg.grid)
+        memory += 2 * 4 * largest
+        passes = 1.0
+        if cfg.objective == "module":
+            passes += cfg.grid * min(1.0, cfg.module_tokens / max(1, inputs.calibration_tokens))
+        group = cfg.spec.group_size or 1
+        flops = sum(
+            2 * cfg.grid * rows * cols**2 + 2 * len(cfg.clip_ratios()) * rows * cols * group
+            for rows, cols in inputs.layers.values()
+        )
+        return StepEstimate(memory_bytes=memory, block_passes=passes, flops=flops)
 
     # ------------------------------------------------------------------ scale search
     @torch.no_grad()

@@ -8,7 +8,9 @@ quantizer steps choose codes and commit them with :meth:`Unit.commit`.
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator
@@ -94,8 +96,53 @@ class WeightQuantConfig(StepConfig):
         return self._spec
 
 
+@dataclass(frozen=True)
+class EstimateInputs:
+    """What a step's cost depends on, known from shapes alone (the dry run sees a weightless model).
+
+    Attributes:
+        layers: the layers this step works on, ``name -> (out_features, in_features)``.
+        block_params: parameters of the largest block.
+        blocks: number of blocks.
+        calibration_tokens: tokens of calibration data that go through every block.
+        device: where blocks are processed (``cpu``, ``cuda``).
+    """
+
+    layers: dict[str, tuple[int, int]]
+    block_params: int
+    blocks: int
+    calibration_tokens: int
+    device: str = "cpu"
+
+    @property
+    def largest(self) -> int:
+        """Weights of the largest layer."""
+        return max((math.prod(shape) for shape in self.layers.values()), default=0)
+
+    @property
+    def widest_input(self) -> int:
+        return max((shape[1] for shape in self.layers.values()), default=0)
+
+
+@dataclass(frozen=True)
+class StepEstimate:
+    """A step's cost for the dry run's plan.
+
+    Attributes:
+        memory_bytes: working memory while the step works on one block, on top of the block itself
+            and the calibration activations (the pipeline holds those).
+        block_passes: forward passes of a block over all calibration tokens the step runs, per block.
+        flops: the step's own arithmetic (float32) over the whole model, besides those passes.
+    """
+
+    memory_bytes: int = 0
+    block_passes: float = 0.0
+    flops: float = 0.0
+
+
 class Step:
-    """Base class of recipe steps. Subclasses set ``name``, ``Config`` and implement ``apply``."""
+    """Base class of recipe steps. Subclasses set ``name``, ``Config`` and implement ``apply``;
+    steps whose cost differs from rounding each weight once also override ``estimate``."""
 
     name: ClassVar[str] = ""
     Config: ClassVar[type[StepConfig]] = StepConfig
@@ -121,6 +168,11 @@ class Step:
 
     def finish(self) -> None:
         """Called once after the last unit (for steps that keep state across blocks)."""
+
+    def estimate(self, inputs: EstimateInputs) -> StepEstimate:
+        """Memory and time this step needs (for ``--dry-run``). The default fits a data-free step
+        that rounds each weight once: a float32 copy of the largest weight and its rounded values."""
+        return StepEstimate(memory_bytes=2 * 4 * inputs.largest)
 
     def to_dict(self) -> dict[str, Any]:
         return {self.name: self.config.model_dump(mode="json", exclude_defaults=True)}

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..formats import Quantizer
 from ..models import weight_of
-from .base import Step, WeightQuantConfig, register_step
+from .base import EstimateInputs, Step, StepEstimate, WeightQuantConfig, register_step
 from .gptq_solver import gptq_quantize, rows_within
 from .hessian import (
     Hessian,
@@ -161,6 +161,16 @@ class GPTQ(Step):
                         unit, name, selected[name], acc, quantizer, i == len(names) - 1, largest_hessian
                     )
                 del acc
+
+    def estimate(self, inputs: EstimateInputs) -> StepEstimate:
+        """The widest layer's Hessian (packed on the CPU from 4096 inputs), the working copy of the
+        largest weight as the row-pass rule bounds it, and its codes; the column walk and the
+        factorisations; three partial block passes (collection in execution order, then errors)."""
+        hessian = hessian_nbytes(inputs.widest_input, inputs.device)
+        largest = inputs.largest
+        work = min(largest * 4, hessian // 4) + largest
+        flops = sum(2 * rows * cols**2 + cols**3 for rows, cols in inputs.layers.values())
+        return StepEstimate(memory_bytes=hessian + work, block_passes=3.0, flops=flops)
 
     def _quantize_layer(
         self,

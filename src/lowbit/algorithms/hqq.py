@@ -16,7 +16,7 @@ from pydantic import Field
 from ..formats import QParams, QuantizedTensor, Quantizer
 from ..formats.quantizer import check_finite
 from ..models import weight_of
-from .base import Step, WeightQuantConfig, register_step
+from .base import EstimateInputs, Step, StepEstimate, WeightQuantConfig, register_step
 
 
 class HQQConfig(WeightQuantConfig):
@@ -92,6 +92,12 @@ class HQQ(Step):
     name = "hqq"
     Config = HQQConfig
     quantizes_weights = True
+
+    def estimate(self, inputs: EstimateInputs) -> StepEstimate:
+        """Data-free; each iteration rounds, shrinks and averages every weight (about 30 operations
+        each) on a float32 copy with a few temporaries of its size."""
+        numel = sum(rows * cols for rows, cols in inputs.layers.values())
+        return StepEstimate(memory_bytes=5 * 4 * inputs.largest, flops=30.0 * self.config.iters * numel)
 
     def apply(self, unit) -> None:
         quantizer = Quantizer(self.config.spec)

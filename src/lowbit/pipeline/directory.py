@@ -145,6 +145,7 @@ def quantize_directory(
         out_dir=out,
         held_back_tokens=held_tokens,
         generate_tokens=options.sanity_generate if held_back is not None else 0,
+        device=options.resolved_device(),
     )
     if dry_run:
         return DirectoryRun(None, None, plan=plan)

@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..algorithms.base import Step, match_name
-from ..algorithms.hessian import hessian_nbytes
+from ..algorithms.base import EstimateInputs, Step, match_name
 from ..formats import Quantizer
 from ..models import ModelAdapter, in_features, out_features, weight_of
 
@@ -200,6 +199,7 @@ def estimate(
     held_back_tokens: int = 0,
     generate_tokens: int = 0,
     compute_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> Plan:
     """``generate_tokens``: the sanity check's greedy generation, one pass over the weights of the
     original and one of the quantized model per token. ``compute_dtype``: what blocks and
@@ -233,21 +233,29 @@ def estimate(
     block_params = max(sum(p.numel() for p in b.parameters()) for b in adapter.blocks)
     block_bytes = block_params * compute_elem
     hidden = getattr(adapter.model.config, "hidden_size", 0) or 0
-    widest_input = max((layer.shape[1] for layer in layers), default=0)
-    largest = max((math.prod(layer.shape) for layer in layers), default=0)
     needs_data = any(s.needs_calibration for s in steps)
     act = 2 * (calibration_tokens + 2 * held_back_tokens) * hidden * compute_elem if needs_data else 0
-    # GPTQ on the CPU: fp32 Hessians factorised in place, wide ones packed as one triangle; row
-    # passes keep a layer's fp32 working copy within a quarter of the largest Hessian on top of it;
-    # plus the codes. Data-free methods: the fp32 copy of the weight and its rounded result.
-    hessian = hessian_nbytes(widest_input, "cpu") if needs_data else 0
-    gptq = any(s.name == "gptq" for s in steps)
-    work = min(largest * 4, hessian // 4) + largest if gptq else 2 * largest * 4
+    # Each step states its own cost (its working memory, block passes and arithmetic).
+    shapes = {name: (out_features(mod), in_features(mod)) for name, mod in targeted.items()}
+    device = str(device or "cpu")
+    step_costs = [
+        step.estimate(
+            EstimateInputs(
+                layers={n: shape for n, shape in shapes.items() if step.config.selects(n)},
+                block_params=block_params,
+                blocks=len(adapter),
+                calibration_tokens=calibration_tokens if step.needs_calibration else 0,
+                device=torch.device(device).type,
+            )
+        )
+        for step in steps
+    ]
+    work = max((cost.memory_bytes for cost in step_costs), default=0)
     # Measured on a 2-core CPU box: imports, tokenizer and model code hold about 0.40 GiB before any
     # tensor work, 0.45 GiB while running (benchmarks/results/memory_phases.md).
     runtime = 460 * 2**20
     if streaming:
-        # Blocks: one block, its calibration activations, the widest Hessian and working copy.
+        # Blocks: one block, its calibration activations, the largest working set of a step.
         # Outside the blocks (the sanity check's generation, writing): one block and the largest of
         # the embeddings and the head, one at a time (all of them if a quantized head stays in memory).
         outside_sizes = [
@@ -256,22 +264,16 @@ def estimate(
         ]
         head_targeted = any(not name.startswith(adapter.blocks_path + ".") for name in targeted)
         outside_peak = sum(outside_sizes) if head_targeted else max(outside_sizes, default=0)
-        peak = int(runtime + block_bytes + act + max(hessian + work, outside_peak))
+        peak = int(runtime + block_bytes + act + max(work, outside_peak))
     else:
-        peak = int(runtime + checkpoint + act + hessian + work)
+        peak = int(runtime + checkpoint + act + work)
     disk = checkpoint + (act if streaming else 0)
-    fp32_rate = measured_gflops(torch.float32)  # GPTQ's linear algebra
+    fp32_rate = measured_gflops(torch.float32)  # the steps' own linear algebra
     # calibration forwards run in the model's dtype
     model_rate = fp32_rate if compute_dtype == torch.float32 else measured_gflops(compute_dtype)
-    forward_flops = gptq_flops = 0.0
-    if needs_data:
-        passes = 1 + sum(3 if s.name in ("gptq", "awq") else 1 for s in steps if s.needs_calibration)
-        forward_flops += 2 * block_params * calibration_tokens * passes * len(adapter)
-        if any(s.name == "awq" for s in steps):
-            forward_flops += 2 * block_params * calibration_tokens * 20 * len(adapter)
-    if gptq:
-        gptq_flops += sum(2 * layer.shape[0] * layer.shape[1] ** 2 + layer.shape[1] ** 3 for layer in layers)
-    seconds = forward_flops / (model_rate * 1e9) + gptq_flops / (fp32_rate * 1e9)
+    passes = (1 if needs_data else 0) + sum(cost.block_passes for cost in step_costs)  # 1: propagation
+    forward_flops = 2 * block_params * calibration_tokens * passes * len(adapter)
+    seconds = forward_flops / (model_rate * 1e9) + sum(cost.flops for cost in step_costs) / (fp32_rate * 1e9)
     seconds += quantized_numel / 50e6  # rounding and bookkeeping per weight
     dtype_name = str(compute_dtype).removeprefix("torch.")
     rates = f"{fp32_rate:.0f} GFLOP/s (float32)"
