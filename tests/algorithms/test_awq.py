@@ -4,6 +4,7 @@ import torch
 import lowbit
 from lowbit.algorithms import AWQ, GPTQ
 from lowbit.algorithms.folding import FoldError, divide_producer_outputs, multiply_consumer_inputs
+from lowbit.formats import Quantizer, make_format
 from tests.conftest import build_family, random_ids
 
 
@@ -73,3 +74,42 @@ def test_awq_then_gptq_leaves_rounding_to_gptq():
     # the quantized model stays close to the original
     rel = (_out(model, ids) - _out(ref, ids)).pow(2).mean() / _out(ref, ids).pow(2).mean()
     assert rel < 0.05
+
+
+def test_awq_chooses_the_scales_a_brute_force_search_finds():
+    """An independent search on block 0's q/k/v group: the candidate scales written out from the paper
+    (s = mean|x|^a / mean|w|^(1-a), normalised), each scored by running the layers on the captured inputs:
+    sum_l ||X W_l^T - (X/s) Q(W_l s)^T||^2. AWQ's fold must be the winner's scale."""
+    ids = random_ids(8, 32, seed=5)
+    model = _outlier_llama()
+    block = model.model.layers[0]
+    captured = []
+    hook = block.self_attn.q_proj.register_forward_pre_hook(lambda _m, a: captured.append(a[0].detach().clone()))
+    with torch.no_grad():
+        model(input_ids=ids)
+    hook.remove()
+    X = captured[0].reshape(-1, 64).double()
+    linears = [block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj]
+    weights = [m.weight.detach().double().clone() for m in linears]
+    norm_before = block.input_layernorm.weight.detach().clone()
+
+    q = Quantizer(make_format("int3", group_size=32))
+    x_mean = X.abs().mean(0)
+    w = torch.cat(weights)
+    groups = w.abs().reshape(w.shape[0], -1, 32)
+    w_mean = (groups / groups.amax(-1, keepdim=True)).reshape(w.shape).mean(0)
+    best, best_err = None, float("inf")
+    for i in range(20):
+        a = i / 20
+        s = (x_mean**a / w_mean.clamp(min=1e-4) ** (1 - a)).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        err = 0.0
+        for W in weights:
+            Wq = q.dequantize(q.quantize((W * s).float())).double()
+            err += float(((X @ W.T) - (X / s) @ Wq.T).pow(2).sum())
+        if err < best_err:
+            best, best_err = s, err
+
+    lowbit.quantize(model, AWQ(format="int3", group_size=32, clip_search=False, quantize=False), calibration=ids)
+    folded = norm_before / block.input_layernorm.weight.detach()
+    torch.testing.assert_close(folded.double(), best, rtol=2e-3, atol=0)

@@ -83,3 +83,36 @@ def test_builtin_sentence_set_is_large_and_varied():
 
     s = builtin_sentences()
     assert len(s) >= 500 and len(set(s)) == len(s)
+
+
+class _Bigram(torch.nn.Module):
+    """A "language model" whose next-token distribution depends only on the current token: a table of
+    hand-made probabilities (so KL and perplexity can be computed by hand)."""
+
+    def __init__(self, probs):
+        super().__init__()
+        self.log_table = torch.nn.Parameter(torch.tensor(probs, dtype=torch.float64).log(), requires_grad=False)
+        self.config = type("Config", (), {"max_position_embeddings": 64})()
+
+    def forward(self, input_ids, use_cache=False):
+        return type("Out", (), {"logits": self.log_table[input_ids]})()
+
+
+def test_kl_perplexity_and_agreement_equal_their_formulas_on_hand_made_distributions():
+    ref_probs = [[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.25, 0.25, 0.5]]
+    q_probs = [[0.5, 0.3, 0.2], [0.2, 0.2, 0.6], [0.4, 0.35, 0.25]]
+    ids = torch.tensor([0, 1, 2, 2, 0, 1, 1, 0, 2, 1, 0, 0])
+    res = evaluate_language(_Bigram(q_probs), ids, reference=_Bigram(ref_probs), context=12, stride=6)
+
+    pairs = list(zip(ids[:-1].tolist(), ids[1:].tolist()))
+    kl = sum(p * math.log(p / q) for a, _ in pairs for p, q in zip(ref_probs[a], q_probs[a])) / len(pairs)
+    nll = -sum(math.log(q_probs[a][b]) for a, b in pairs) / len(pairs)
+    nll_ref = -sum(math.log(ref_probs[a][b]) for a, b in pairs) / len(pairs)
+    agree = sum(
+        max(range(3), key=ref_probs[a].__getitem__) == max(range(3), key=q_probs[a].__getitem__) for a, _ in pairs
+    ) / len(pairs)
+    assert res.tokens == len(pairs)
+    assert res.kl == pytest.approx(kl, rel=1e-6)
+    assert res.ppl == pytest.approx(math.exp(nll), rel=1e-6)
+    assert res.ppl_reference == pytest.approx(math.exp(nll_ref), rel=1e-6)
+    assert res.top1_agreement == pytest.approx(agree)

@@ -41,6 +41,11 @@ class GPTQConfig(WeightQuantConfig):
         static_groups: with act-order, compute every group's parameters up front from the
             original weights, so groups stay contiguous (no ``g_idx`` needed at inference; on by
             default). Off, groups follow the act-order and a ``g_idx`` maps columns to groups.
+        dynamic_groups: without static groups, where each group's parameters come from when the
+            walk reaches it: ``updated`` (lowbit's: the weights after the error feedback of every
+            earlier column, the ones then rounded) or ``reference`` (the paper's code: before the
+            feedback of the current lazy batch). They differ only when groups start inside a lazy
+            batch (``block_size`` larger than ``group_size``).
         true_sequential: within a block, quantize layer groups in execution order (q/k/v, then o,
             then gate/up, then down), collecting each group's inputs after the earlier ones were
             quantized.
@@ -61,6 +66,7 @@ class GPTQConfig(WeightQuantConfig):
     dampening: float = 0.01
     act_order: bool = True
     static_groups: bool = True
+    dynamic_groups: Literal["updated", "reference"] = "updated"
     true_sequential: bool = True
     damping_retries: int = 4
     min_tokens: int = 16
@@ -74,13 +80,13 @@ def working_bound_mib(H: Hessian, largest_hessian: int, share: float = 0.25) -> 
     return max(1.0, ((1 + share) * largest_hessian - H.nbytes) / 2**20)
 
 
-def _rtn_and_base_errors(W: torch.Tensor, H: Hessian, quantizer: Quantizer, chunk: int = 512):
-    """RTN's output error and squared norm, and the weight's own, ``chunk`` rows at a time (scales
+def _rtn_and_base_errors(W: torch.Tensor, H: Hessian, quantizer: Quantizer, chunk: int = 512) -> tuple[float, float]:
+    """RTN's output error and the weight's own squared output, ``chunk`` rows at a time (scales
     are per row or per group of a row, so rows quantize independently; per-tensor scales need all
     rows). A packed ``H`` is gathered band by band once per chunk, for both matrices at once."""
     step = W.shape[0] if quantizer.spec.granularity == "tensor" else chunk
     packed = isinstance(H, PackedSymmetric)
-    rtn_err = rtn_norm = base_err = base_norm = 0.0
+    rtn_err = base_err = 0.0
     for rows in W.split(step):
         w = rows.float()
         delta = quantizer.dequantize(quantizer.quantize(w)).to(w.device)
@@ -91,9 +97,16 @@ def _rtn_and_base_errors(W: torch.Tensor, H: Hessian, quantizer: Quantizer, chun
         else:
             rtn_err += output_error(delta, H)
             base_err += output_error(w, H)
-        rtn_norm += float(delta.pow(2).sum())
-        base_norm += float(w.pow(2).sum())
-    return rtn_err, rtn_norm, base_err, base_norm
+    return rtn_err, base_err
+
+
+def _squared_change(W: torch.Tensor, qtensor, quantizer: Quantizer, chunk: int) -> float:
+    """``||W - dequantize(qtensor)||^2``, a few rows at a time."""
+    total = 0.0
+    for start in range(0, W.shape[0], chunk):
+        rows = quantizer.dequantize(qtensor.rows(start, start + chunk)).to(W.device)
+        total += float((W[start : start + chunk].float() - rows).pow(2).sum(dtype=torch.float64))
+    return total
 
 
 def layer_subsets(unit, selected: dict[str, nn.Module], sequential: bool) -> list[list[list[str]]]:
@@ -190,12 +203,14 @@ class GPTQ(Step):
             return
         start = time.perf_counter()
         W = weight_of(module).detach()
-        # Errors are reported on the damped Hessian GPTQ minimises; RTN's is measured before H is consumed.
+        # The report's output errors are those on the calibration inputs (the plain Hessian). RTN's is
+        # measured before GPTQ consumes H; GPTQ's follows from the loss it accumulates on the damped
+        # Hessian: tr(dW (H + lam I) dW^T) = tr(dW H dW^T) + lam ||dW||^2.
         bound = cfg.max_working_mib or working_bound_mib(acc.H, largest_hessian)
         # Errors in chunks of half the rows GPTQ works on at once (RTN's temporaries take two more
         # float32 copies of a chunk): their memory then stays within the same bound.
         chunk = rows_within(tuple(W.shape), bound / 2) if isinstance(acc.H, PackedSymmetric) else 512
-        rtn_err, rtn_norm, base_err, base_norm = _rtn_and_base_errors(W, acc.H, quantizer, chunk)
+        rtn_err, base_err = _rtn_and_base_errors(W, acc.H, quantizer, chunk)
         mean_diag = mean_diagonal(acc.H)
         try:
             # no local reference to the Hessian: GPTQ may then reuse its memory
@@ -210,6 +225,7 @@ class GPTQ(Step):
                 cfg.damping_retries,
                 overwrite_hessian=last,
                 max_working_mib=bound,
+                dynamic_groups=cfg.dynamic_groups,
             )
         except HessianNotPositiveDefinite as exc:
             log.warning("%s: %s; falling back to RTN", name, exc)
@@ -220,7 +236,8 @@ class GPTQ(Step):
             self._fallback(unit, {name: module}, quantizer, "non-finite GPTQ result")
             return
         lam = res.dampening * mean_diag
-        base = max(base_err + lam * base_norm, 1e-30)
+        base = max(base_err, 1e-30)
+        gptq_err = max(res.loss - lam * _squared_change(W, res.qtensor, quantizer, chunk), 0.0)
         note = f"damp {res.dampening:g}" if res.dampening != cfg.dampening else ""
         unit.commit(
             name,
@@ -228,8 +245,8 @@ class GPTQ(Step):
             res.qtensor,
             self.name,
             seconds=time.perf_counter() - start,
-            output_error=res.loss / base,
-            output_error_rtn=(rtn_err + lam * rtn_norm) / base,
+            output_error=gptq_err / base,
+            output_error_rtn=rtn_err / base,
             note=note,
         )
 

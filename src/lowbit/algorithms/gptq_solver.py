@@ -43,8 +43,16 @@ def gptq_quantize(
     damping_retries: int = 4,
     overwrite_hessian: bool = False,
     max_working_mib: float | None = None,
+    dynamic_groups: str = "updated",
 ) -> GPTQResult:
     """Quantize ``weight`` (``[out, in]``) given the input Hessian ``H`` (``[in, in]``).
+
+    ``dynamic_groups`` (groups without static parameters): where a group's parameters come from
+    when its first column is reached. ``updated``: the weights as the walk has updated them,
+    including the error feedback of the earlier columns of the same lazy batch (the weights that
+    are then rounded). ``reference``: as the reference implementation (``fasterquant``), from the
+    weights before the current lazy batch's feedback. The two agree when every group starts a lazy
+    batch (``group_size`` a multiple of ``block_size``, e.g. both 128).
 
     ``H`` may be packed (:class:`~.packed.PackedSymmetric`, on the CPU): the algorithm then
     works on the triangle. ``overwrite_hessian=True`` lets it use ``H`` as scratch memory
@@ -92,6 +100,8 @@ def gptq_quantize(
     n_groups = cols // gs if gs else 1
     scale = torch.zeros(rows if spec.granularity != "tensor" else 1, n_groups, device=weight.device)
     zero = torch.zeros_like(scale) if spec.has_zero_point else None
+    if dynamic_groups not in ("updated", "reference"):
+        raise ValueError(f"dynamic_groups must be 'updated' or 'reference', got {dynamic_groups!r}")
     walk = _ColumnWalk(
         U,
         quantizer,
@@ -101,6 +111,7 @@ def gptq_quantize(
         global_scale,
         scale,
         zero,
+        reference_groups=dynamic_groups == "reference",
         group_of_col=[0] * cols,
         losses=torch.zeros(cols, dtype=torch.float64, device=weight.device),
         codes_t=torch.zeros(cols, rows, dtype=torch.uint8, device=weight.device),
@@ -165,6 +176,7 @@ class _ColumnWalk:
     global_scale: torch.Tensor | None
     scale: torch.Tensor
     zero: torch.Tensor | None
+    reference_groups: bool
     group_of_col: list[int]
     losses: torch.Tensor
     codes_t: torch.Tensor
@@ -199,10 +211,13 @@ def _quantize_rows(walk: _ColumnWalk, Wt: torch.Tensor, fixed: QParams | None, r
                 colp = per_group[g]
             else:
                 g = col // gs
-                if col % gs == 0:  # a new group: parameters from the current, already-updated weights
-                    window = W1[i : i + gs]
-                    if window.shape[0] < gs:
-                        window = torch.cat([window, Wt[i2 : col + gs]], dim=0)
+                if col % gs == 0:  # a new group
+                    if walk.reference_groups:  # without this lazy batch's feedback (Wt lags W1 until the batch ends)
+                        window = Wt[col : col + gs]
+                    else:  # the weights as updated so far, the ones that are rounded next
+                        window = W1[i : i + gs]
+                        if window.shape[0] < gs:
+                            window = torch.cat([window, Wt[i2 : col + gs]], dim=0)
                     current = quantizer.find_params(window.T.unsqueeze(1), global_scale)
                     scale[r0:r1, g] = current.scale[:, 0, 0]
                     if zero is not None:
