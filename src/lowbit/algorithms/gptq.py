@@ -24,6 +24,8 @@ from .hessian import (
     hessian_nbytes,
     mean_diagonal,
     output_error,
+    packs,
+    temp_files_in_memory,
 )
 from .packed import PackedSymmetric
 
@@ -182,6 +184,9 @@ class GPTQ(Step):
         hessian = hessian_nbytes(inputs.widest_input, inputs.device)
         largest = inputs.largest
         work = min(largest * 4, hessian // 4) + largest
+        # a packed Hessian waits in TMPDIR for damping retries: memory too when TMPDIR is a tmpfs
+        if self.config.damping_retries and packs(inputs.widest_input, inputs.device) and temp_files_in_memory():
+            work += hessian
         flops = sum(2 * rows * cols**2 + cols**3 for rows, cols in inputs.layers.values())
         return StepEstimate(memory_bytes=hessian + work, block_passes=3.0, flops=flops)
 

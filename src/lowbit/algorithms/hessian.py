@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 from collections.abc import Callable
 from typing import TypeVar
@@ -204,6 +205,23 @@ def _inverse_cholesky_in_place(
         return None
 
     return _raise_damping_until(factorise, dampening, retries)
+
+
+def temp_files_in_memory() -> bool:
+    """Whether the temporary directory (``TMPDIR``) is a memory file system (tmpfs, ramfs): the
+    packed Hessian's backup for damping retries then takes memory, not disk."""
+    target = os.path.realpath(tempfile.gettempdir())
+    best, fs = "", ""
+    try:
+        with open("/proc/mounts") as mounts:
+            for line in mounts:
+                parts = line.split()
+                inside = len(parts) >= 3 and (target == parts[1] or target.startswith(parts[1].rstrip("/") + "/"))
+                if inside and len(parts[1]) >= len(best):  # the deepest mount point holding TMPDIR
+                    best, fs = parts[1], parts[2]
+    except OSError:  # not Linux: assume a disk
+        return False
+    return fs in ("tmpfs", "ramfs")
 
 
 def _inverse_cholesky_packed(
