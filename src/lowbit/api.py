@@ -191,13 +191,16 @@ def quantize_checkpoint(
     restart: bool = False,
     force: bool = False,
     dry_run: bool = False,
+    save_format: str = "auto",
 ) -> DirectoryRun:
     """Quantize a model directory (or built-in name) into ``out_dir`` without loading it whole.
 
     Blocks are read from disk one at a time and written out as they finish; an interrupted run
     started again with the same arguments resumes from the last finished block (``restart``
     discards that progress); the sanity check must pass before the output appears (``force``).
-    ``dry_run`` only checks and estimates (returns the plan).
+    ``dry_run`` only checks and estimates (returns the plan). ``save_format``: ``auto``
+    (compressed-tensors where it holds every layer, else lowbit's packed layout),
+    ``compressed-tensors``, ``lowbit`` or ``fake`` (dense fake-quantized weights).
     """
     from transformers import AutoConfig, AutoTokenizer
 
@@ -237,4 +240,5 @@ def quantize_checkpoint(
         tokenizer=tokenizer,
         timings=timings,
         started=(start, cpu_start),
+        save_format=save_format,
     )

@@ -169,6 +169,16 @@ class Step:
     def finish(self) -> None:
         """Called once after the last unit (for steps that keep state across blocks)."""
 
+    def writes_group_index(self) -> bool:
+        """Whether this step's layers may come with a ``g_idx`` (columns grouped out of order), which
+        some checkpoint formats cannot store."""
+        return False
+
+    def integer_zero_points(self) -> bool:
+        """Whether this step's asymmetric zero-points are integers (HQQ's are not), as integer-only
+        checkpoint formats need."""
+        return True
+
     def estimate(self, inputs: EstimateInputs) -> StepEstimate:
         """Memory and time this step needs (for ``--dry-run``). The default fits a data-free step
         that rounds each weight once: a float32 copy of the largest weight and its rounded values."""

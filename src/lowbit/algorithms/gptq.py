@@ -177,6 +177,13 @@ class GPTQ(Step):
                     )
                 del acc
 
+    def writes_group_index(self) -> bool:
+        cfg: GPTQConfig = self.config
+        return cfg.act_order and not cfg.static_groups and cfg.spec.granularity == "group"
+
+    def integer_zero_points(self) -> bool:
+        return self.config.fallback != "hqq"  # layers that fall back to HQQ get fractional zeros
+
     def estimate(self, inputs: EstimateInputs) -> StepEstimate:
         """The widest layer's Hessian (packed on the CPU from 4096 inputs), the working copy of the
         largest weight as the row-pass rule bounds it, and its codes; the column walk and the

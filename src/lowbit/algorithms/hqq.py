@@ -143,6 +143,9 @@ class HQQ(Step):
     Config = HQQConfig
     quantizes_weights = True
 
+    def integer_zero_points(self) -> bool:
+        return False  # HQQ optimises the zero-point continuously
+
     def estimate(self, inputs: EstimateInputs) -> StepEstimate:
         """Data-free; each iteration rounds, shrinks and averages every weight (about 30 operations
         each) on a float32 copy with a few temporaries of its size."""

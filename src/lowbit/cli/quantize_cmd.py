@@ -69,6 +69,14 @@ def add_parser(sub) -> None:
         default=None,
         help="dtype of saved weights (default: the input checkpoint's)",
     )
+    p.add_argument(
+        "--save-format",
+        choices=["auto", "compressed-tensors", "lowbit", "fake"],
+        default="auto",
+        help="how quantized layers are stored: compressed-tensors (packed; vLLM and transformers load it), lowbit "
+        "(lowbit's packed layout: every format, read by lowbit.load), fake (dense dequantized weights, original "
+        "size), auto (default: compressed-tensors where it holds every layer, else lowbit)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument(
         "--dry-run", action="store_true", help="check everything and print the plan with estimates; quantize nothing"
@@ -170,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
         restart=args.restart,
         force=args.force,
         dry_run=args.dry_run,
+        save_format=args.save_format,
     )
     console = Console()
     if args.dry_run:

@@ -71,6 +71,9 @@ class SafetensorsCheckpoint:
     def keys(self) -> list[str]:
         return list(self.where)
 
+    def keys_with_prefix(self, prefix: str) -> list[str]:
+        return [k for k in self.where if k.startswith(prefix)]
+
     def __contains__(self, name: str) -> bool:
         return name in self.where
 
@@ -227,10 +230,17 @@ class LazyModel:
             self._renames.append((pattern, rf"\1.{checkpoint_prefix}."))
 
     @torch.no_grad()
-    def materialize(self, module: nn.Module, prefix: str, source: SafetensorsCheckpoint | None = None) -> None:
+    def materialize(
+        self,
+        module: nn.Module,
+        prefix: str,
+        source: SafetensorsCheckpoint | None = None,
+        skip: set[str] = frozenset(),
+    ) -> None:
         """Load the parameters of ``module`` (named ``prefix`` in the model) from disk (from
-        ``source`` instead of the model's own checkpoint when given)."""
-        self._load({n: t for n, t in module.named_parameters(prefix=prefix) if t.device.type == "meta"}, source)
+        ``source`` instead of the model's own checkpoint when given), except those named in ``skip``."""
+        params = module.named_parameters(prefix=prefix)
+        self._load({n: t for n, t in params if t.device.type == "meta" and n not in skip}, source)
 
     @torch.no_grad()
     def materialize_outside(self, blocks_path: str, skip: tuple[str, ...] = ()) -> None:

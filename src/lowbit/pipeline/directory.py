@@ -23,13 +23,14 @@ import torch
 from .. import __version__
 from ..calibration import CalibrationData
 from ..export.atomic import OutputExistsError, check_output_dir
+from ..export.layouts import choose_layout
 from ..export.shards import INDEX, ShardWriter
 from ..models import ModelAdapter
 from ..models.lazy import LazyModel
 from ..recipe import Recipe
 from ..report import QuantizationReport, build_report, weight_files_bytes
 from .memory import return_freed_memory_promptly, trim
-from .plan import Plan, check_plan, estimate, mark_followers
+from .plan import Plan, all_linears, check_plan, estimate, mark_followers, rounding_steps
 from .resume import RunDirectory
 from .sanity import SanityCheckFailed, SanityReport
 from .sequential import PipelineOptions, run_pipeline
@@ -64,6 +65,7 @@ def fingerprint(
     held_back,
     options: PipelineOptions,
     save_dtype,
+    layout: str = "fake",
 ) -> dict:
     def digest(text: str) -> str:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -81,6 +83,7 @@ def fingerprint(
                     "batch_size": options.batch_size,
                     "dtype": str(save_dtype),
                     "compute_dtype": str(lazy.dtype),
+                    "save_format": layout,
                 }
             )
         ),
@@ -104,8 +107,13 @@ def quantize_directory(
     tokenizer: Any = None,
     timings: PhaseTimes | None = None,
     started: tuple[float, float] | None = None,
+    save_format: str = "auto",
 ) -> DirectoryRun:
     """Quantize the checkpoint in ``model_dir`` with ``recipe`` into ``out_dir``.
+
+    ``save_format``: how quantized layers are stored (:mod:`lowbit.export.layouts`): ``auto``
+    (compressed-tensors where it can hold every layer, else lowbit's own packed layout),
+    ``compressed-tensors``, ``lowbit`` or ``fake`` (dense fake-quantized weights).
 
     ``timings`` and ``started`` (wall and CPU clock at the start) let a caller that already did
     part of the work (loading the tokenizer, sampling calibration data) count it in the report.
@@ -132,6 +140,8 @@ def quantize_directory(
         lazy.rename_in_blocks(adapter.blocks_path, moe.model_prefix, moe.checkpoint_prefix)
     targeted = check_plan(adapter, recipe.steps, options.allow_nonfinite)
     mark_followers(recipe.steps, list(targeted))
+    rounding = rounding_steps(recipe.steps, list(targeted))
+    layout = choose_layout(save_format, {n: (s.config.spec, targeted[n], s) for n, s in rounding.items()})
     tokens = calibration.tokens() if calibration is not None else 0
     held_tokens = held_back.tokens() if held_back is not None else 0
     plan = estimate(
@@ -147,6 +157,7 @@ def quantize_directory(
         generate_tokens=options.sanity_generate if held_back is not None else 0,
         device=options.resolved_device(),
     )
+    plan.notes.append(f"saved as {layout.name}")
     if dry_run:
         return DirectoryRun(None, None, plan=plan)
 
@@ -154,12 +165,12 @@ def quantize_directory(
     out.parent.mkdir(parents=True, exist_ok=True)
     if restart and work.exists():
         shutil.rmtree(work)
-    run_dir = RunDirectory(work, fingerprint(lazy, recipe, calibration, held_back, options, save_dtype))
+    run_dir = RunDirectory(work, fingerprint(lazy, recipe, calibration, held_back, options, save_dtype, layout.name))
     resume = run_dir.load()  # raises ResumeMismatch early, before any work
     writer = ShardWriter(work)
     if resume is not None:
         writer.adopt_existing()
-    store = StreamingStore(lazy, writer, save_dtype)
+    store = StreamingStore(lazy, writer, save_dtype, layout, {n: s.config.spec for n, s in rounding.items()})
     try:
         result = run_pipeline(
             lazy.model,
@@ -196,7 +207,11 @@ def quantize_directory(
         sanity=result.sanity.to_dict() if result.sanity is not None else None,
         peak_rss_bytes=_peak_rss(),
     )
-    _write_metadata(Path(model_dir), work, recipe, report, save_dtype)
+    quantized = {name: rounding[name].config.spec for name in result.state.results}
+    unquantized = [name for name in all_linears(adapter) if name not in quantized]
+    _write_metadata(
+        Path(model_dir), work, recipe, report, save_dtype, layout.quantization_config(quantized, unquantized)
+    )
     _publish(work, out, overwrite)
     return DirectoryRun(out, report, result.sanity, plan, resumed_from_block=resume.next_block if resume else 0)
 
@@ -224,11 +239,16 @@ def _finish_directory(source: Path, work: Path, writer: ShardWriter, tokenizer) 
         tokenizer.save_pretrained(work)
 
 
-def _write_metadata(source: Path, work: Path, recipe: Recipe, report: QuantizationReport, save_dtype) -> None:
-    """The saved dtype in config.json, the recipe and the report."""
+def _write_metadata(
+    source: Path, work: Path, recipe: Recipe, report: QuantizationReport, save_dtype, quantization_config
+) -> None:
+    """The saved dtype and the layout's quantization_config in config.json, the recipe and the report."""
     config = json.loads((work / "config.json").read_text())
     config["dtype"] = str(save_dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
+    config.pop("quantization_config", None)
+    if quantization_config is not None:
+        config["quantization_config"] = quantization_config
     (work / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     (work / "lowbit_recipe.yaml").write_text(recipe.to_yaml())
     meta = {"lowbit_version": __version__, "source_model": str(source), **report.to_dict()}

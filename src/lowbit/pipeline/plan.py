@@ -41,6 +41,18 @@ def mark_followers(steps: Sequence[Step], layer_names: Sequence[str]) -> None:
         )
 
 
+def rounding_steps(steps: Sequence[Step], layers: Sequence[str]) -> dict[str, Step]:
+    """For each layer, the last step that rounds it (its format is the layer's: AWQ followed by GPTQ
+    only scales, GPTQ rounds); layers no step rounds are left out."""
+    out = {}
+    for name in layers:
+        for step in reversed(steps):
+            if step.quantizes_weights and step.config.selects(name) and getattr(step.config, "spec", None):
+                out[name] = step
+                break
+    return out
+
+
 def all_linears(adapter: ModelAdapter) -> dict[str, nn.Module]:
     out: dict[str, nn.Module] = {}
     for i in range(len(adapter)):
@@ -208,21 +220,11 @@ def estimate(
     elem = torch.empty((), dtype=storage_dtype).element_size()
     compute_elem = torch.empty((), dtype=compute_dtype).element_size()
     layers = []
-    for name, mod in targeted.items():
-        # the last step that rounds this layer decides its format (AWQ followed by GPTQ only scales)
-        quantizer_step = next(
-            (
-                s
-                for s in reversed(steps)
-                if s.quantizes_weights and s.config.selects(name) and getattr(s.config, "spec", None)
-            ),
-            None,
-        )
-        if quantizer_step is None:
-            continue
-        spec = quantizer_step.config.spec
+    for name, step in rounding_steps(steps, targeted).items():
+        mod = targeted[name]
+        spec = step.config.spec
         shape = (out_features(mod), in_features(mod))
-        layers.append(LayerPlan(name, shape, quantizer_step.name, spec.label(), Quantizer(spec).bits_per_weight(shape)))
+        layers.append(LayerPlan(name, shape, step.name, spec.label(), Quantizer(spec).bits_per_weight(shape)))
     params_total = sum(p.numel() for p in {id(p): p for p in adapter.model.parameters()}.values())
     quantized_numel = sum(math.prod(layer.shape) for layer in layers)
     packed = int(

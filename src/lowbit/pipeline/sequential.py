@@ -197,7 +197,8 @@ def run_pipeline(
     needs_data = [s.name for s in steps if s.needs_calibration]
     if needs_data and calibration is None:
         raise CalibrationError(f"step(s) {', '.join(needs_data)} need calibration data; pass calibration=...")
-    state = QuantState(keep_codes=options.keep_codes and not store.streaming)
+    # A packing store writes each block's codes (and drops them) as the block is done.
+    state = QuantState(keep_codes=(options.keep_codes and not store.streaming) or store.keeps_codes)
     device = options.resolved_device()
     check_sanity = (
         held_back is not None and model_kind(model.config) == "causal-lm" and adapter.lm_head()[1] is not None
@@ -293,7 +294,7 @@ def run_pipeline(
             block.to(home)
             del unit  # it holds this block's inputs: let them go before the next block loads
             with phase(WRITE):
-                store.finish_block(adapter, index)
+                store.finish_block(adapter, index, state.quantized)
                 trim()
                 if run_dir is not None:
                     activations = {"hidden": inputs.hidden} if inputs is not None else {}
@@ -336,7 +337,7 @@ def run_pipeline(
     if not head_linears:
         store.release_outside(adapter)  # the writer reads them from disk in turn
     with phase(WRITE):
-        store.finish(adapter)
+        store.finish(adapter, state.quantized)
     return PipelineResult(state, report, timings)
 
 

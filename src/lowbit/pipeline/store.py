@@ -12,9 +12,12 @@ import logging
 from collections.abc import Iterable
 
 import torch
+from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 
+from ..export.layouts import FakeQuantLayout, Layout
 from ..export.shards import ShardWriter
+from ..formats import FormatSpec, QuantizedTensor, Quantizer
 from ..models import ModelAdapter
 from ..models.lazy import LazyModel, SafetensorsCheckpoint
 
@@ -23,6 +26,7 @@ log = logging.getLogger(__name__)
 
 class InMemoryStore:
     streaming = False
+    keeps_codes = False
 
     def load_outside(self, adapter: ModelAdapter) -> None:
         pass
@@ -42,20 +46,37 @@ class InMemoryStore:
     def load_output_block(self, adapter: ModelAdapter, index: int) -> None:
         pass
 
-    def finish_block(self, adapter: ModelAdapter, index: int) -> None:
+    def finish_block(self, adapter: ModelAdapter, index: int, codes: dict[str, QuantizedTensor]) -> None:
         pass
 
-    def finish(self, adapter: ModelAdapter) -> None:
+    def finish(self, adapter: ModelAdapter, codes: dict[str, QuantizedTensor]) -> None:
         adapter.refuse_experts()  # give the model back in its own (fused) module layout
 
 
 class StreamingStore:
+    """``layout`` decides how a quantized linear is written (packed codes, or dense fake-quant
+    weights); a packing layout needs each block's codes, which are dropped once written."""
+
     streaming = True
 
-    def __init__(self, lazy: LazyModel, writer: ShardWriter, save_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        lazy: LazyModel,
+        writer: ShardWriter,
+        save_dtype: torch.dtype | None = None,
+        layout: Layout | None = None,
+        specs: dict[str, FormatSpec] | None = None,
+    ):
+        """``specs``: the format each layer is rounded to (to read packed layers back)."""
         self.lazy = lazy
         self.writer = writer
         self.save_dtype = save_dtype or lazy.storage_dtype
+        self.layout = layout or FakeQuantLayout()
+        self.specs = specs or {}
+
+    @property
+    def keeps_codes(self) -> bool:
+        return self.layout.packs
 
     def load_outside(self, adapter: ModelAdapter) -> None:
         """What runs before the first block (embeddings), for capturing that block's inputs; the
@@ -83,18 +104,44 @@ class StreamingStore:
         self.lazy.release(adapter.blocks[index])
 
     def load_output_block(self, adapter: ModelAdapter, index: int) -> None:
-        """A finished block, read back from the shard it was written to."""
+        """A finished block, read back from the shard it was written to (packed layers dequantized from
+        what the layout wrote: the check sees the checkpoint, not lowbit's memory of it)."""
         shard = SafetensorsCheckpoint.single_file(self.writer.directory / f"model-block-{index:05d}.safetensors")
-        self.lazy.materialize(adapter.blocks[index], adapter.block_name(index), source=shard)
+        block, prefix = adapter.blocks[index], adapter.block_name(index)
+        packed = {}
+        for name, module in adapter.block_linears(index).items():
+            stem = self.lazy.checkpoint_name(f"{name}.weight").removesuffix("weight")
+            if name in self.specs and stem + "weight" not in shard:
+                packed[name] = (module, stem)
+        self.lazy.materialize(block, prefix, source=shard, skip={f"{name}.weight" for name in packed})
+        for name, (module, stem) in packed.items():
+            leaves = {key.removeprefix(stem): t for key, t in shard.get_many(shard.keys_with_prefix(stem)).items()}
+            q = self.layout.read_layer(leaves, self.specs[name])
+            weight = Quantizer(q.spec).dequantize(q).to(self.lazy.dtype)
+            set_module_tensor_to_device(
+                block, f"{name.removeprefix(prefix + '.')}.weight", "cpu", value=_as_stored(module, weight)
+            )
 
-    def finish_block(self, adapter: ModelAdapter, index: int) -> None:
+    def finish_block(self, adapter: ModelAdapter, index: int, codes: dict[str, QuantizedTensor]) -> None:
         block = adapter.blocks[index]
         prefix = adapter.block_name(index)
-        tensors = {self.lazy.checkpoint_name(f"{prefix}.{k}"): self._cast(v) for k, v in block.state_dict().items()}
+        tensors = {}
+        for k, v in block.state_dict().items():
+            tensors.update(self._stored(f"{prefix}.{k}", v, codes))
         self.writer.write(f"block-{index:05d}", tensors)
         self.lazy.release(block)
 
-    def finish(self, adapter: ModelAdapter, shard_bytes: int = 64 * 2**20) -> None:
+    def _stored(self, name: str, value: torch.Tensor, codes: dict[str, QuantizedTensor]) -> dict[str, torch.Tensor]:
+        """What a parameter becomes on disk: a quantized linear's weight the layout's tensors (its codes
+        are dropped once written), anything else itself in the saved dtype."""
+        key = self.lazy.checkpoint_name(name)
+        layer = name.removesuffix(".weight")
+        if not (self.layout.packs and name.endswith(".weight") and layer in codes):
+            return {key: self._cast(value)}
+        stem = key.removesuffix("weight")
+        return {stem + leaf: t for leaf, t in self.layout.layer_tensors(codes.pop(layer), self.save_dtype).items()}
+
+    def finish(self, adapter: ModelAdapter, codes: dict[str, QuantizedTensor], shard_bytes: int = 64 * 2**20) -> None:
         """Write everything outside the blocks (embeddings, final norm, head), a few tensors at a
         time: those in memory (e.g. a quantized head) as they are, the rest straight from the source.
         A shard holds tensors up to ``shard_bytes`` together, or one larger tensor alone: a large
@@ -113,13 +160,18 @@ class StreamingStore:
                 self.writer.write(f"rest-{part:02d}", pending)
                 pending, size, part = {}, 0, part + 1
             tensor = value.detach() if value.device.type != "meta" else self.lazy.checkpoint.get(key)
-            pending[key] = self._cast(tensor)
+            pending.update(self._stored(name, tensor, codes))
             size += nbytes
         if pending:
             self.writer.write(f"rest-{part:02d}", pending)
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.save_dtype) if t.is_floating_point() else t
+
+
+def _as_stored(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """An ``[out, in]`` weight as ``module`` stores it (GPT-2's Conv1D keeps ``[in, out]``)."""
+    return weight.t().contiguous() if tuple(module.weight.shape) != tuple(weight.shape) else weight
 
 
 def block_nbytes(block: nn.Module) -> int:
