@@ -246,6 +246,10 @@ def save_reconstructions(model: DigitsVQVAE, images: Tensor, path: str | Path, n
                 ax.set_title(title, fontsize=7, loc="left")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        tmp.replace(path)
+    except BaseException:  # a full disk or Ctrl-C leaves no stray temp file
+        tmp.unlink(missing_ok=True)
+        raise
     return path
