@@ -28,6 +28,7 @@ from lowbit.vq.digits import DigitsConfig, make_quantizer
         (lambda: FSQ(levels=[4, 1, 4]), "levels"),
         (lambda: FSQ(levels=[]), "levels"),
         (lambda: FSQ(levels=[4, 4], dim=3), "dim"),
+        (lambda: FSQ(levels=[4, 4], bound="jax"), "bound"),
         (lambda: FSQ(levels=[4, 4], entropy_weight=-0.1), "entropy_weight"),
         (lambda: FSQ(levels=[4, 4], entropy_weight=0.1, temperature=0), "temperature"),
         (lambda: FSQ(levels=[4, 4], entropy_weight=0.1, entropy_every=0), "entropy_every"),

@@ -14,10 +14,35 @@ from lowbit.vq.digits import (
 
 MSE_THRESHOLD = 0.025  # a third of the 0.074 a model that always outputs the mean training image gets
 
+# Training steps (batch 64) per quantizer, long enough that each one's usage mechanism has acted at any seed.
+# Dead-code restarts revive unused codes at once and BSQ's entropy loss spreads usage fast: after 150 steps vq,
+# rvq, grvq, pq and bsq used >= 99% of their codes at each of seeds 0-7. LFQ's is slower (88% at seed 3 after 150
+# steps; >= 99.6% at seeds 0-7 after 300), fsq+entropy's (its loss on every 4th step only) slower still (65% at
+# seed 1 after 150 steps, 62% at seed 6 after 300; >= 98.4% at seeds 0-9 after 600). Plain FSQ trains as long as
+# fsq+entropy, so that the two compare like for like.
+STEPS = {"lfq": 300, "fsq": 600, "fsq+entropy": 600}
+DEFAULT_STEPS = 150
+
 
 @pytest.fixture(scope="module")
 def data():
     return load_digits_split()
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    """Metrics of the digits VQ-VAE per (quantizer, seed), trained once for the whole module."""
+    cache: dict[tuple[str, int], dict] = {}
+
+    def train(quantizer: str, seed: int = 0) -> dict:
+        if (quantizer, seed) not in cache:
+            config = DigitsConfig(
+                quantizer=quantizer, steps=STEPS.get(quantizer, DEFAULT_STEPS), batch_size=64, seed=seed
+            )
+            cache[quantizer, seed] = train_digits(config, data=data)[1]
+        return cache[quantizer, seed]
+
+    return train
 
 
 def test_split_is_fixed_and_in_range(data):
@@ -30,22 +55,23 @@ def test_split_is_fixed_and_in_range(data):
 
 
 @pytest.mark.parametrize("quantizer", QUANTIZERS)
-def test_each_quantizer_trains_a_working_vqvae(quantizer, data):
-    _, m = train_digits(DigitsConfig(quantizer=quantizer, steps=150, batch_size=64), data=data)
+def test_each_quantizer_trains_a_working_vqvae(quantizer, trained):
+    m = trained(quantizer)
     assert m["bits_per_token"] == 8.0  # every preset spends the same rate
     assert m["test_mse"] < MSE_THRESHOLD, m
     if quantizer != "fsq":  # plain FSQ has no usage mechanism (no aux loss, no restarts); the rest must use their codes
         assert m["utilization"] > 0.9, m
 
 
-def test_fsq_entropy_loss_prevents_fsq_collapse(data):
-    # Same seed, same steps: plain FSQ leaves most of its 256 codes unused (two latent channels lock together);
-    # the code-usage entropy loss spreads the tokens over the codebook and reconstructs at least as well.
-    _, plain = train_digits(DigitsConfig(quantizer="fsq", steps=150, batch_size=64), data=data)
-    _, entropy = train_digits(DigitsConfig(quantizer="fsq+entropy", steps=150, batch_size=64), data=data)
-    assert plain["utilization"] < 0.5, plain
+def test_fsq_entropy_loss_prevents_fsq_collapse(trained):
+    # Same seed, same steps. How much of its codebook plain FSQ leaves unused depends on the seed (two latent
+    # channels lock together at some seeds: 25-99.6% used at seeds 0-9 after 600 steps), so it is no fixed number;
+    # with the code-usage entropy loss the tokens spread over the codebook at every seed, never less than plain
+    # FSQ's, and the reconstruction stays about as good (MSE 0.63-1.10x plain's at seeds 0-9).
+    plain, entropy = trained("fsq"), trained("fsq+entropy")
     assert entropy["utilization"] > 0.9, entropy
-    assert entropy["test_mse"] < plain["test_mse"] * 1.05
+    assert entropy["utilization"] >= plain["utilization"], (plain, entropy)
+    assert entropy["test_mse"] < plain["test_mse"] * 1.25, (plain, entropy)
 
 
 def _collapse_setting(dead_code_threshold: float) -> DigitsConfig:
@@ -61,6 +87,8 @@ def _collapse_setting(dead_code_threshold: float) -> DigitsConfig:
 def test_dead_code_replacement_prevents_codebook_collapse(data):
     _, without = train_digits(_collapse_setting(0.0), data=data)
     _, with_restarts = train_digits(_collapse_setting(1.0), data=data)
+    # The collapse is the setting's, not a seed's: without restarts 0.8-2.7% of the codes were used at seeds 0-7
+    # (with them 100%, at lower MSE), so "below half" holds by a wide margin at any seed.
     assert without["utilization"] < 0.5, without
     assert with_restarts["utilization"] > 0.9, with_restarts
     assert with_restarts["test_mse"] < without["test_mse"]

@@ -131,9 +131,11 @@ def test_joint_codebook_term_penalises_correlated_channels():
 
 
 def test_descending_the_loss_decorrelates_a_collapsed_batch():
-    # Start from the digits failure mode: channel 1 copies channel 0, so only the 4 "diagonal" codes of 16 occur.
-    # Gradient descent on the entropy loss alone must use every code and move a real share of the batch off the
-    # diagonal; without the codebook term (diversity_gamma = 0) nothing pulls the channels apart.
+    # Start from the digits failure mode: channel 1 copies channel 0, so (up to the few tokens the 0.01 noise puts
+    # across a bin edge) only the 4 "diagonal" codes of 16 occur. Gradient descent on the entropy loss alone must use
+    # every code and move a real share of the batch off the diagonal; without the codebook term (diversity_gamma = 0)
+    # nothing pulls the channels apart. Relative to the start, so no seed's count is built in: at seeds 0-15 the
+    # start had 0.2-1.6% off the diagonal, gamma = 0 never added any, gamma = 1 added 14-20%.
     torch.manual_seed(0)
     base = torch.randn(512, 1) * 1.2
     start = torch.cat([base, base + 0.01 * torch.randn(512, 1)], 1)
@@ -151,11 +153,12 @@ def test_descending_the_loss_decorrelates_a_collapsed_batch():
     def off_diagonal(counts: torch.Tensor) -> float:  # share of tokens whose two digits differ
         return 1 - float(counts[[0, 5, 10, 15]].sum()) / float(counts.sum())
 
-    assert off_diagonal(counts_after(0.0)) < 0.02
+    collapsed = off_diagonal(torch.bincount(FSQ(levels=[4, 4])(start).indices, minlength=16))
+    assert collapsed < 0.05
+    assert off_diagonal(counts_after(0.0)) <= collapsed
     spread = counts_after(1.0)
     assert (spread > 0).all()
-    assert off_diagonal(spread) > 0.15
-    assert off_diagonal(torch.bincount(FSQ(levels=[4, 4])(start).indices, minlength=16)) < 0.01
+    assert off_diagonal(spread) > collapsed + 0.1
 
 
 def _reference_terms(bounded: torch.Tensor, levels: list[int], temperature: float):

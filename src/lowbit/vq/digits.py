@@ -37,7 +37,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "rvq": {"dim": 16, "num_quantizers": 2, "codebook_size": 16, "vq": dict(_VQ_FAMILY)},
     "grvq": {"dim": 16, "groups": 2, "num_quantizers": 2, "codebook_size": 4, "vq": dict(_VQ_FAMILY)},
     "pq": {"dim": 16, "num_subvectors": 2, "codebook_size": 16, "vq": dict(_VQ_FAMILY)},
-    "fsq": {"levels": (4, 4, 4, 4)},  # plain FSQ, the published algorithm
+    "fsq": {"levels": (4, 4, 4, 4)},  # plain FSQ (no auxiliary loss), on lowbit's default symmetric grid
     # FSQ plus the code-usage entropy loss. The weight is small because the entropy terms are in nats (up to
     # ln 256 = 5.5) while the pixel MSE they add to is ~0.005; larger weights reach 100% usage too but cost MSE.
     "fsq+entropy": {"levels": (4, 4, 4, 4), "entropy_weight": 0.002, "temperature": 0.1, "entropy_every": 4},
@@ -246,6 +246,10 @@ def save_reconstructions(model: DigitsVQVAE, images: Tensor, path: str | Path, n
                 ax.set_title(title, fontsize=7, loc="left")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    tmp.replace(path)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        tmp.replace(path)
+    except BaseException:  # a full disk or Ctrl-C leaves no stray temp file
+        tmp.unlink(missing_ok=True)
+        raise
     return path

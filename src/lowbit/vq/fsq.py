@@ -1,7 +1,27 @@
 """Finite scalar quantization (Mentzer et al. 2023): round each channel to a fixed grid, no codebook to learn.
 
 Channel i is bounded with tanh to L_i levels and rounded; the implicit codebook is the product grid of prod(L_i)
-points, spaced evenly in [-1, 1]. Plain FSQ (the default) has no auxiliary loss: every grid point is reachable by
+points in [-1, 1]. Two bounds, i.e. two grids and their bins (``bound``):
+
+- ``"symmetric"``, the default, is lowbit's variant: the L levels evenly spaced over [-1, 1] and symmetric about 0
+  (level k of 0..L-1 is the code 2k/(L-1) - 1), with bins of equal width in tanh space.
+- ``"paper"`` is the published bound (the paper's Appendix A.1): ``tanh(z + shift) * half_l - offset``, rounded,
+  divided by ``L // 2``, with ``half_l = (L-1)(1+eps)/2``, ``offset = 1/2`` for even L (0 for odd), ``shift =
+  atanh(offset / half_l)``, eps = 1e-3. The codes are (k - L//2) / (L//2): for odd L the default's points, for
+  even L an asymmetric grid with 0 on it and one more level below 0 than above (L = 4: -1, -0.5, 0, 0.5). The bins
+  differ for every L: here the two end levels get half-width bins (in tanh space). The listing in the paper writes
+  ``(1 - eps)`` and ``tan(offset / half_l)``; the shift is there to put z = 0 on code 0, which atanh does exactly,
+  and with ``(1 - eps)`` atanh is undefined at L = 2. Like vector-quantize-pytorch (whose FSQ gives the same
+  outputs, to the bit) we use ``(1 + eps)`` and atanh: the same grid, bin edges within 0.01 in z of the listing's
+  for L >= 3 (L = 2: the edge at z = -3.8 instead of -1.56).
+
+The default differs from the paper because the even-L grid is lopsided: at L = 2 the codes are {-1, 0} and the edge
+between them sits at z = -3.8, so -1 needs a saturated input and a 2-level channel carries almost nothing (the
+peer refuses L = 2 without its symmetric mode); the symmetric grid treats every L >= 2 alike and splits L = 2 at
+z = 0. Its cost: for even L no code is 0 (z = 0 lies on a bin edge). Indices are the mixed-radix number of the
+levels k in both cases, and the entropy loss below sees the bounded value in the same level units.
+
+Plain FSQ (``entropy_weight=0``, the default) has no auxiliary loss: every grid point is reachable by
 construction, but nothing makes the encoder *use* them all. When latent channels come out correlated, whole
 combinations of levels never occur (on the digits VQ-VAE two channels lock together and half the codebook stays
 unused at some seeds).
@@ -29,7 +49,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -37,13 +57,19 @@ from torch import Tensor
 from .base import Quantizer, QuantizerResult, check, straight_through
 from .vector_quantize import make_config
 
+# The paper's eps: half_l a little above (L-1)/2, so that atanh(offset / half_l), the shift, is finite at L = 2.
+_PAPER_EPS = 1e-3
+
 
 @dataclass(frozen=True)
 class FSQConfig:
     levels: tuple[int, ...]
     dim: int | None = None  # optional cross-check: must equal len(levels)
     channel_dim: int = -1
-    # Code-usage entropy loss (see the module docstring); 0 = plain FSQ, the published algorithm.
+    # "symmetric": lowbit's grid, evenly spaced and symmetric about 0 for every L; "paper": the published bound and
+    # grid (asymmetric for even L, 0 always on it). See the module docstring.
+    bound: Literal["symmetric", "paper"] = "symmetric"
+    # Code-usage entropy loss (see the module docstring); 0 = plain FSQ (no auxiliary loss, as published).
     entropy_weight: float = 0.0
     diversity_gamma: float = 1.0  # weight of the codebook-entropy (usage spreading) term inside the entropy loss
     # Softness of the level assignment, in squared level steps: at 0.1 a token on a grid point gives its neighbours
@@ -66,6 +92,7 @@ class FSQConfig:
             "dim",
             f"FSQ quantizes one channel per level: dim={self.dim} but len(levels)={len(self.levels)}",
         )
+        check(self.bound in ("symmetric", "paper"), "bound", f"'symmetric' or 'paper', got {self.bound!r}")
         check(self.entropy_weight >= 0, "entropy_weight", f"must be >= 0, got {self.entropy_weight}")
         check(self.diversity_gamma >= 0, "diversity_gamma", f"must be >= 0, got {self.diversity_gamma}")
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
@@ -84,6 +111,8 @@ class FSQConfig:
 
 class FSQ(Quantizer):
     """``FSQ(levels=[8, 5, 5, 5])``: 1000 codes on 4 channels; index = mixed-radix number of the per-channel digits.
+
+    ``FSQ(levels=[8, 5, 5, 5], bound="paper")`` uses the published grid instead of lowbit's symmetric one.
 
     ``FSQ(levels=[4, 4, 4, 4], entropy_weight=0.002)`` adds the code-usage entropy loss to ``forward(...).loss`` in
     training mode (``aux``: ``per_sample_entropy``, ``codebook_entropy``); the codes themselves are unchanged. With
@@ -104,7 +133,18 @@ class FSQ(Quantizer):
         # fp32 constants, precomputed: at token counts typical of a tokenizer, per-op overhead dominates FSQ.
         self.register_buffer("half_levels", levels.float() / 2, persistent=False)
         self.register_buffer("max_digit", (levels - 1).float(), persistent=False)
-        self.register_buffer("half_width", (levels - 1).float() / 2, persistent=False)
+        # Code = digit / half_width - 1 in both grids: half_width = (L-1)/2 spreads the digits 0..L-1 over [-1, 1]
+        # (symmetric), L//2 puts digit L//2 on 0 (paper).
+        self.paper = cfg.bound == "paper"
+        width = (levels // 2).float() if self.paper else (levels - 1).float() / 2
+        self.register_buffer("half_width", width, persistent=False)
+        # The paper's constants, in fp32 and in the same order of operations as the published code (and the peer's),
+        # so bin edges agree to the last bit.
+        half_l = (levels - 1) * (1 + _PAPER_EPS) / 2
+        offset = torch.where(levels % 2 == 0, 0.5, 0.0)
+        self.register_buffer("paper_half_l", half_l, persistent=False)
+        self.register_buffer("paper_offset", offset, persistent=False)
+        self.register_buffer("paper_shift", torch.atanh(offset / half_l), persistent=False)
         # Entropy loss: level positions 0..L_i-1 as a (max L, dim, 1) grid; levels past L_i are padding.
         top = max(cfg.levels)
         grid = torch.arange(top, dtype=torch.float32)[:, None, None].expand(top, self.dim, 1)
@@ -118,12 +158,36 @@ class FSQ(Quantizer):
         return [math.prod(self.config.levels)]
 
     def bound(self, z: Tensor) -> Tensor:
-        """Squash channel i into (-0.5, L_i - 0.5) so rounding gives L_i equal-width bins (in tanh space).
+        """Squash channel i into level units, about (-0.5, L_i - 0.5) (symmetric) or (0, L_i - 1) (paper): rounding
+        gives the level 0..L_i-1.
 
-        A symmetric variant of the paper's bound: its even-L offset puts z = 0 next to a bin edge and makes L = 2
-        almost unreachable on one side; here every L >= 2 gets a grid symmetric about 0.
+        ``bound="symmetric"`` (the default, not the paper's): ``(tanh(z) + 1) * L/2 - 0.5``, L equal-width bins in
+        tanh space whose codes are symmetric about 0 for every L. The paper's even-L bound is lopsided (L = 2 gives
+        codes {-1, 0} split at z = -3.8, so -1 is almost unreachable); this one splits L = 2 at z = 0, at the price
+        of having no zero code for even L. ``bound="paper"``: the published ``tanh(z + shift) * half_l - offset``
+        (see the module docstring), shifted by ``L // 2`` into level units.
         """
+        if self.paper:
+            return self._paper_centered(z) + self.half_width
         return (torch.tanh(z) + 1) * self.half_levels - 0.5
+
+    def _paper_centered(self, z: Tensor) -> Tensor:
+        """The paper's bound itself: rounds to the signed level k - L//2."""
+        return torch.tanh(z + self.paper_shift) * self.paper_half_l - self.paper_offset
+
+    def _bound_and_round(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(bound(z), its level 0..L-1 as a float)."""
+        if self.paper:
+            # Round the paper's own value, not bound(z): adding L//2 first could move a value within an ulp of a
+            # bin edge across it (and round-half-even breaks ties differently), so indices would not match the paper.
+            centered = self._paper_centered(z)
+            bounded, digits = centered + self.half_width, centered.round() + self.half_width
+        else:
+            bounded = self.bound(z)
+            digits = bounded.round()
+        # Clamp: in the symmetric bound tanh saturates to exactly +-1 in fp32 and round(L - 0.5) would step off the
+        # grid; in the paper's, eps does for L above about 1000.
+        return bounded, digits.clamp_(min=0).minimum(self.max_digit)
 
     def entropy_terms(self, bounded: Tensor) -> tuple[Tensor, Tensor]:
         """(mean per-token entropy, entropy of the batch-averaged code distribution), both in nats.
@@ -142,9 +206,7 @@ class FSQ(Quantizer):
 
     def _quantize(self, x: Tensor) -> QuantizerResult:  # type: ignore[override]
         cfg = self.config
-        bounded = self.bound(x)
-        # Clamp: tanh saturates to exactly +-1 in fp32, and round(L - 0.5) would step off the grid.
-        digits = bounded.round().clamp_(min=0).minimum(self.max_digit)
+        bounded, digits = self._bound_and_round(x)
         codes = self._digits_to_codes(straight_through(bounded, digits))
         indices = (digits.long() * self.basis).sum(dim=-1)
         loss, aux = x.new_zeros(()), {}
@@ -161,7 +223,11 @@ class FSQ(Quantizer):
         return calls % self.config.entropy_every == 0
 
     def _digits_to_codes(self, digits: Tensor) -> Tensor:
-        return digits / self.half_width - 1  # grid points in [-1, 1]
+        """Level 0..L-1 -> grid point in [-1, 1] (the paper's even L: [-1, 1 - 2/L])."""
+        if self.paper:
+            # The paper's round(bounded) / (L // 2), to the bit: digits - L//2 is that integer, exactly.
+            return (digits - self.half_width) / self.half_width
+        return digits / self.half_width - 1
 
     def _decode(self, indices: Tensor) -> Tensor:
         digits = (indices[:, None] // self.basis) % self.levels
