@@ -26,6 +26,7 @@ _EXPORTS = {
     "Quantizer": "formats",
     "make_format": "formats",
     "load_model": "models",
+    "load": "runtime",
     "PipelineOptions": "pipeline",
     "Recipe": "recipe",
 }
@@ -40,6 +41,7 @@ __all__ = [  # noqa: RUF022 - the version first, then the lazily imported names 
     "Recipe",
     "Step",
     "build_step",
+    "load",
     "load_model",
     "make_format",
     "quantize",
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
     from .models import load_model
     from .pipeline import PipelineOptions
     from .recipe import Recipe
+    from .runtime import load
 
 
 def __getattr__(name: str) -> Any:

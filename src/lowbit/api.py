@@ -41,27 +41,58 @@ class QuantizationResult:
     sanity: SanityReport | None = None
 
     def save(
-        self, out_dir: str | Path, *, overwrite: bool = False, dtype: torch.dtype | None = None, force: bool = False
+        self,
+        out_dir: str | Path,
+        *,
+        overwrite: bool = False,
+        dtype: torch.dtype | None = None,
+        force: bool = False,
+        save_format: str = "auto",
     ) -> Path:
         """Save a loadable model directory (safetensors + config + tokenizer + the recipe used).
 
-        ``dtype`` defaults to the dtype of the checkpoint the model came from. A model that
-        failed the sanity check is not saved unless ``force``.
+        ``save_format``: ``auto`` (compressed-tensors where it holds every layer, else lowbit's
+        packed layout), ``compressed-tensors``, ``lowbit`` or ``fake`` (dense dequantized weights).
+        Packed formats need the codes (``keep_codes``, on by default). ``dtype`` defaults to the
+        dtype of the checkpoint the model came from. A model that failed the sanity check is not
+        saved unless ``force``.
         """
         if self.sanity is not None and not self.sanity.passed and not force:
             raise SanityCheckFailed(self.sanity)
+        from .export.checkpoint import save_packed_model_dir
+        from .export.layouts import ExportError, choose_layout
+        from .models import ModelAdapter
+
+        if save_format != "fake" and not self.quantized and self.report.layers:
+            raise ExportError(
+                "this result kept no codes (keep_codes=False): save it with save_format='fake', or quantize with "
+                "keep_codes=True for a packed checkpoint"
+            )
+        modules = dict(self.model.named_modules())
+        layout = choose_layout(save_format, {n: (q.spec, modules.get(n), None, q) for n, q in self.quantized.items()})
 
         def report_json(directory: Path) -> str:  # written last, when the weights' size on disk is known
             self.report.size_on_disk_bytes = weight_files_bytes(directory)
             meta = {"lowbit_version": __version__, "source_model": self.source, **self.report.to_dict()}
             return json.dumps(meta, indent=2) + "\n"
 
-        return save_model_dir(
+        extra = {"lowbit_recipe.yaml": self.recipe.to_yaml(), "lowbit_report.json": report_json}
+        dtype = dtype or self.storage_dtype
+        if not layout.packs:
+            return save_model_dir(
+                self.model, out_dir, tokenizer=self.tokenizer, dtype=dtype, extra_files=extra, overwrite=overwrite
+            )
+        linears = ModelAdapter.linears_in(self.model)
+        unquantized = [n for n in linears if n not in self.quantized]
+        return save_packed_model_dir(
             self.model,
             out_dir,
+            self.quantized,
+            layout,
+            unquantized,
             tokenizer=self.tokenizer,
-            dtype=dtype or self.storage_dtype,
-            extra_files={"lowbit_recipe.yaml": self.recipe.to_yaml(), "lowbit_report.json": report_json},
+            dtype=dtype,
+            extra_files=extra,
             overwrite=overwrite,
         )
 
@@ -110,7 +141,7 @@ def quantize(
         storage_dtype = checkpoint_dtype(model.path) if isinstance(model.path, Path) else None
         model = model.model
     recipe = as_recipe(recipe)
-    options = options or PipelineOptions()
+    options = options or PipelineOptions(keep_codes=True)  # the codes a packed save needs
     if option_overrides:
         options = PipelineOptions(**{**options.__dict__, **option_overrides})
     calib, held_back = prepare_calibration(model, recipe, calibration, tokenizer, n_samples, seq_len, seed, options)

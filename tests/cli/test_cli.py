@@ -67,9 +67,11 @@ def test_quantize_saves_a_loadable_model_with_recipe_and_report(tiny_dir, tmp_pa
         "model.safetensors.index.json",
     ]
     assert "rtn" in (out / "lowbit_recipe.yaml").read_text()
-    from transformers import AutoModelForCausalLM
+    assert '"quant_method": "compressed-tensors"' in (out / "config.json").read_text()  # packed by default
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    # transformers 5.24 reads asymmetric compressed-tensors checkpoints through its dequantize path
+    reloaded = AutoModelForCausalLM.from_pretrained(out, quantization_config=CompressedTensorsConfig(dequantize=True))
     w = reloaded.model.layers[0].self_attn.q_proj.weight.detach()
     original = load_file(tiny_dir / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
     q = Quantizer(make_format("int4", group_size=32, symmetric=False))

@@ -12,9 +12,9 @@ import os
 import sys
 
 from .. import __version__
-from . import eval_cmd, models_cmd, quantize_cmd, vq_cmd
+from . import eval_cmd, export_cmd, generate_cmd, models_cmd, quantize_cmd, vq_cmd
 
-COMMANDS = (quantize_cmd, eval_cmd, models_cmd, vq_cmd)
+COMMANDS = (quantize_cmd, eval_cmd, generate_cmd, export_cmd, models_cmd, vq_cmd)
 INTERRUPTED = "lowbit: interrupted; no output was written (the same command resumes a quantize run)"
 
 

@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..eval import embedding_fidelity, evaluate_language, run_lm_eval, tokenize_text
     from ..models import load_model
+    from ..runtime import load
 
     if args.tasks:
         import os
@@ -56,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
             os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_model(args.model, device=device)
+    # quantized layers stay packed (lowbit.load), dequantized per call and computed exactly in float32 like the
+    # reference (the weight-only kernels compute in bfloat16, which would blur small differences)
+    loaded = load(args.model, dtype=torch.float32, device=device, native_kernels=False)
     reference = load_model(args.reference, device=device) if args.reference else None
     causal = loaded.kind == "causal-lm"
     want_kl = args.kl or (causal and reference is not None and not (args.ppl or args.embeddings))

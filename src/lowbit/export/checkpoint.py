@@ -52,3 +52,63 @@ def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
     cfg["dtype"] = name
     cfg.pop("torch_dtype", None)
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def save_packed_model_dir(
+    model: nn.Module,
+    out_dir: str | Path,
+    quantized: dict[str, Any],
+    layout: Any,
+    unquantized: list[str],
+    *,
+    tokenizer: Any = None,
+    dtype: torch.dtype | None = None,
+    extra_files: dict[str, str | Callable[[Path], str]] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` with its ``quantized`` layers (name -> codes) stored by ``layout`` (the
+    tensors of :meth:`~lowbit.export.layouts.Layout.layer_tensors` in place of their weights) and the
+    layout's ``quantization_config`` in config.json, atomically."""
+    from .layouts import ExportError
+    from .shards import ShardWriter
+
+    state = model.state_dict()
+    missing = [name for name in quantized if f"{name}.weight" not in state]
+    if missing:
+        raise ExportError(
+            f"{missing[0]} is not a weight of the model as it is saved (fused Mixture-of-Experts tensors?); "
+            "save packed MoE checkpoints from the streaming path (lowbit quantize / quantize_checkpoint)"
+        )
+    dtype = dtype or next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        tensors: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
+        for name, value in state.items():
+            if value.data_ptr() in seen and value.numel():  # tied weights are stored once
+                continue
+            seen.add(value.data_ptr())
+            layer = name.removesuffix(".weight")
+            if name.endswith(".weight") and layer in quantized:
+                for leaf, t in layout.layer_tensors(quantized[layer], dtype).items():
+                    tensors[f"{layer}.{leaf}"] = t
+            else:
+                tensors[name] = value.to(dtype) if value.is_floating_point() else value
+        writer = ShardWriter(tmp)
+        writer.write("00001-of-00001", tensors)
+        writer.write_index()
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        config = json.loads((tmp / "config.json").read_text())
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        config.pop("torch_dtype", None)
+        qconfig = layout.quantization_config({n: q.spec for n, q in quantized.items()}, unquantized)
+        if qconfig is not None:
+            config["quantization_config"] = qconfig
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text if isinstance(text, str) else text(tmp))
+    log.info("saved %s (%s)", out_dir, layout.name)
+    return Path(out_dir)

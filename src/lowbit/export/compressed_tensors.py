@@ -86,7 +86,9 @@ def _weights_args(spec: FormatSpec) -> dict[str, Any]:
 class CompressedTensorsLayout(Layout):
     name = "compressed-tensors"
 
-    def check(self, layer: str, spec: FormatSpec, module: torch.nn.Module, step: Any = None) -> None:
+    def check(
+        self, layer: str, spec: FormatSpec, module: torch.nn.Module, step: Any = None, q: QuantizedTensor | None = None
+    ) -> None:
         if _ct_format(spec) is None:
             raise ExportError(
                 f"{layer}: compressed-tensors has no format for {spec.label()} "
@@ -102,10 +104,15 @@ class CompressedTensorsLayout(Layout):
                 f"{layer}: {step.name} chooses fractional zero-points, which compressed-tensors cannot store "
                 "(its zero-points are integers); save it with --save-format lowbit"
             )
-        if step is not None and step.writes_group_index():
+        if (step is not None and step.writes_group_index()) or (q is not None and q.g_idx is not None):
             raise ExportError(
                 f"{layer}: compressed-tensors (0.19 and later) has no g_idx for columns grouped out of order; "
-                f"use {step.name} with static_groups: true (the default), or --save-format lowbit"
+                "use GPTQ with static_groups: true (the default), or --save-format lowbit"
+            )
+        if q is not None and q.zero is not None and not torch.equal(q.zero, q.zero.round()):
+            raise ExportError(
+                f"{layer}: fractional zero-points (HQQ), which compressed-tensors cannot store "
+                "(its zero-points are integers); save it with --save-format lowbit"
             )
 
     def layer_tensors(self, q: QuantizedTensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:

@@ -30,10 +30,12 @@ class Layout(ABC):
     name: ClassVar[str]
     packs: ClassVar[bool] = True
 
-    def check(self, layer: str, spec: FormatSpec, module: torch.nn.Module, step: Any = None) -> None:
+    def check(
+        self, layer: str, spec: FormatSpec, module: torch.nn.Module, step: Any = None, q: QuantizedTensor | None = None
+    ) -> None:
         """Raise :class:`ExportError` if this layout cannot hold ``layer`` (``module``) rounded by
-        ``step`` in ``spec`` (called by the dry run and before any work, for every planned layer).
-        The default holds everything."""
+        ``step`` in ``spec`` (before any work, for every planned layer), or its codes ``q`` when
+        they exist already. The default holds everything."""
         return None
 
     @abstractmethod
@@ -81,19 +83,19 @@ def make_layout(name: str) -> Layout:
     return LAYOUTS[name]()
 
 
-def choose_layout(name: str, layers: Mapping[str, tuple[FormatSpec, torch.nn.Module, Any]]) -> Layout:
+def choose_layout(name: str, layers: Mapping[str, tuple]) -> Layout:
     """The layout for ``name``; ``auto``: compressed-tensors if it holds every layer (``name -> (spec,
-    module, step)``), else lowbit's own. An explicit layout that cannot hold a layer fails here,
-    naming the layer and why."""
+    module, step[, codes])``: the arguments of :meth:`Layout.check`), else lowbit's own. An explicit
+    layout that cannot hold a layer fails here, naming the layer and why."""
     if name == "auto":
         ct = make_layout("compressed-tensors")
         try:
-            for layer, (spec, module, step) in layers.items():
-                ct.check(layer, spec, module, step)
+            for layer, args in layers.items():
+                ct.check(layer, *args)
         except ExportError:
             return make_layout("lowbit")
         return ct
     layout = make_layout(name)
-    for layer, (spec, module, step) in layers.items():
-        layout.check(layer, spec, module, step)
+    for layer, args in layers.items():
+        layout.check(layer, *args)
     return layout

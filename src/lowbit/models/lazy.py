@@ -71,6 +71,11 @@ class SafetensorsCheckpoint:
     def keys(self) -> list[str]:
         return list(self.where)
 
+    def dtype_of(self, name: str) -> torch.dtype:
+        """A tensor's dtype, from its file's header (no data read)."""
+        header, _ = self._header(self.where[name])
+        return SAFETENSORS_DTYPES[header[name]["dtype"]]
+
     def keys_with_prefix(self, prefix: str) -> list[str]:
         return [k for k in self.where if k.startswith(prefix)]
 

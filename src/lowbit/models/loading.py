@@ -116,12 +116,18 @@ def model_kind(config) -> str:
 def load_model(
     name_or_path: str | Path, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu"
 ) -> LoadedModel:
-    """Load a model and its tokenizer: causal LMs with ``AutoModelForCausalLM``, others with ``AutoModel``."""
+    """Load a model and its tokenizer: causal LMs with ``AutoModelForCausalLM``, others with ``AutoModel``.
+    Quantized checkpoints (compressed-tensors, lowbit's packed layout) are read by lowbit and
+    dequantized into ordinary linears (:func:`lowbit.load` keeps them packed)."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    if "quantization_config" in check_config(Path(path)):
+        from ..runtime import load
+
+        return load(path, dtype=dtype, device=device, packed=False)
     try:
         config = AutoConfig.from_pretrained(path)
         kind = model_kind(config)

@@ -1,0 +1,87 @@
+"""Which layers of a checkpoint are stored quantized, in which format and layout.
+
+Read from ``config.json``'s ``quantization_config``: lowbit's own packed layout names each layer's
+format; a compressed-tensors checkpoint (lowbit's or one that llm-compressor wrote) has config
+groups, matched to the model's modules with compressed-tensors' own rules (exact names, then
+regular expressions, then class names; ``ignore`` wins).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..export.compressed_tensors import CompressedTensorsLayout
+from ..export.layouts import Layout
+from ..export.lowbit_packed import LowbitPackedLayout, specs_of
+from ..formats import FormatSpec, make_format
+from ..models.loading import ModelLoadError
+
+_SCALE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def quantized_layers(
+    config: Mapping[str, Any] | None, model: nn.Module, scale_dtype_of
+) -> tuple[Layout, dict[str, FormatSpec]] | None:
+    """The layout and the format of every quantized linear (``None``: a plain checkpoint).
+    ``scale_dtype_of(layer)`` gives the dtype the layer's scale tensor is stored in."""
+    if not config:
+        return None
+    method = config.get("quant_method")
+    if method == "lowbit":
+        return LowbitPackedLayout(), specs_of(config)
+    if method == "compressed-tensors":
+        return CompressedTensorsLayout(), _compressed_tensors_specs(config, model, scale_dtype_of)
+    raise ModelLoadError(
+        f"lowbit cannot read checkpoints quantized with {method!r} (it reads compressed-tensors and its own layout)"
+    )
+
+
+def _compressed_tensors_specs(config: Mapping[str, Any], model: nn.Module, scale_dtype_of) -> dict[str, FormatSpec]:
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.utils.match import match_named_modules, match_targets
+
+    parsed = QuantizationConfig.model_validate(dict(config))
+    if parsed.quantization_status != "compressed":
+        raise ModelLoadError(
+            f"compressed-tensors checkpoint with quantization_status {parsed.quantization_status!r}: lowbit reads "
+            "compressed (packed) checkpoints"
+        )
+    by_target = {}
+    for scheme in parsed.config_groups.values():
+        for target in scheme.targets:
+            by_target[target] = scheme
+    specs = {}
+    for name, module in match_named_modules(model, by_target, parsed.ignore):
+        if not isinstance(module, nn.Linear):
+            continue
+        scheme = by_target[match_targets(name, module, by_target)[0]]
+        if scheme.input_activations is not None:
+            raise ModelLoadError(f"{name}: activation quantization in compressed-tensors checkpoints is not read yet")
+        specs[name] = _spec_of(name, scheme.weights.model_dump(), scale_dtype_of(name))
+    return specs
+
+
+def _spec_of(name: str, args: Mapping[str, Any], scale_dtype: torch.dtype) -> FormatSpec:
+    """lowbit's format for compressed-tensors' ``QuantizationArgs`` (as a dict)."""
+    strategy, bits, kind = str(args["strategy"]), args["num_bits"], str(args["type"])
+    group_size = {"group": args.get("group_size"), "channel": -1, "tensor": 0, "tensor_group": 16}.get(strategy)
+    if group_size is None:
+        raise ModelLoadError(f"{name}: compressed-tensors strategy {strategy!r} is not read yet")
+    scale = _SCALE_DTYPES.get(scale_dtype)
+    if kind == "int":
+        return make_format(
+            "int", bits=bits, group_size=group_size, symmetric=args["symmetric"], scale_dtype=scale, zero_dtype="int"
+        )
+    if kind == "float" and bits == 8 and strategy in ("channel", "tensor"):
+        return make_format("fp8", group_size=group_size, scale_dtype=scale)
+    if kind == "float" and bits == 8 and "uint8" in str(args.get("scale_dtype")):
+        return make_format("mxfp8")
+    if kind == "float" and bits == 4 and strategy == "tensor_group":
+        return make_format("nvfp4")
+    if kind == "float" and bits == 4 and "uint8" in str(args.get("scale_dtype")):
+        return make_format("mxfp4")
+    raise ModelLoadError(f"{name}: compressed-tensors {kind} {bits}-bit {strategy} weights are not read yet")
