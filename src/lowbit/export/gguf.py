@@ -86,9 +86,7 @@ def write_gguf(model: nn.Module, tokenizer_dir: str | Path, out_file: str | Path
     config = model.config
     arch = ARCHS.get(config.model_type)
     if arch is None:
-        raise ExportError(
-            f"GGUF export supports {', '.join(sorted(ARCHS))} models, not {config.model_type!r}"
-        )
+        raise ExportError(f"GGUF export supports {', '.join(sorted(ARCHS))} models, not {config.model_type!r}")
     out_file = Path(out_file)
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..export.compressed_tensors import CompressedTensorsLayout
+from ..export.gptq_awq import awq_specs, gptq_specs
 from ..export.layouts import Layout
 from ..export.lowbit_packed import LowbitPackedLayout, specs_of
 from ..formats import FormatSpec, make_format
@@ -24,23 +25,27 @@ _SCALE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloa
 
 
 def quantized_layers(
-    config: Mapping[str, Any] | None, model: nn.Module, scale_dtype_of
+    config: Mapping[str, Any] | None, model: nn.Module, stored_dtype
 ) -> tuple[Layout, dict[str, FormatSpec]] | None:
     """The layout and the format of every quantized linear (``None``: a plain checkpoint).
-    ``scale_dtype_of(layer)`` gives the dtype the layer's scale tensor is stored in."""
+    ``stored_dtype(layer, leaf)`` gives the dtype of a layer's stored tensor (``None`` if absent)."""
     if not config:
         return None
     method = config.get("quant_method")
     if method == "lowbit":
         return LowbitPackedLayout(), specs_of(config)
     if method == "compressed-tensors":
-        return CompressedTensorsLayout(), _compressed_tensors_specs(config, model, scale_dtype_of)
+        return CompressedTensorsLayout(), _compressed_tensors_specs(config, model, stored_dtype)
+    if method in ("gptq", "awq"):
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and stored_dtype(n, "qweight")]
+        return (gptq_specs if method == "gptq" else awq_specs)(config, names)
     raise ModelLoadError(
-        f"lowbit cannot read checkpoints quantized with {method!r} (it reads compressed-tensors and its own layout)"
+        f"lowbit cannot read checkpoints quantized with {method!r} "
+        "(it reads compressed-tensors, GPTQ, AutoAWQ GEMM and its own layout)"
     )
 
 
-def _compressed_tensors_specs(config: Mapping[str, Any], model: nn.Module, scale_dtype_of) -> dict[str, FormatSpec]:
+def _compressed_tensors_specs(config: Mapping[str, Any], model: nn.Module, stored_dtype) -> dict[str, FormatSpec]:
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.utils.match import match_named_modules, match_targets
 
@@ -61,7 +66,7 @@ def _compressed_tensors_specs(config: Mapping[str, Any], model: nn.Module, scale
         scheme = by_target[match_targets(name, module, by_target)[0]]
         if scheme.input_activations is not None:
             raise ModelLoadError(f"{name}: activation quantization in compressed-tensors checkpoints is not read yet")
-        specs[name] = _spec_of(name, scheme.weights.model_dump(), scale_dtype_of(name))
+        specs[name] = _spec_of(name, scheme.weights.model_dump(), stored_dtype(name, "weight_scale") or torch.float32)
     return specs
 
 

@@ -50,7 +50,7 @@ def load(
     lazy = LazyModel(path, dtype=dtype, device=device)
     model = lazy.model
     _unfuse_experts(lazy)
-    found = quantized_layers(config.get("quantization_config"), model, lambda n: _scale_dtype(lazy, n))
+    found = quantized_layers(config.get("quantization_config"), model, lambda n, leaf: _stored_dtype(lazy, n, leaf))
     layout, specs = found if found is not None else (None, {})
     stems = {name: lazy.checkpoint_name(f"{name}.weight").removesuffix("weight") for name in specs}
     skip = {f"{name}.weight" for name in specs}
@@ -94,9 +94,9 @@ def _unfuse_experts(lazy: LazyModel) -> None:
         lazy.rename_in_blocks(adapter.blocks_path, moe.model_prefix, moe.checkpoint_prefix)
 
 
-def _scale_dtype(lazy: LazyModel, layer: str) -> torch.dtype:
-    key = lazy.checkpoint_name(f"{layer}.weight_scale")
-    return lazy.checkpoint.dtype_of(key) if key in lazy.checkpoint else torch.float32
+def _stored_dtype(lazy: LazyModel, layer: str, leaf: str) -> torch.dtype | None:
+    key = lazy.checkpoint_name(f"{layer}.weight").removesuffix("weight") + leaf
+    return lazy.checkpoint.dtype_of(key) if key in lazy.checkpoint else None
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
