@@ -1,4 +1,5 @@
-"""Every number format on one real weight matrix (MiniLM), and the time to RTN-quantize all of MiniLM.
+"""Every number format on one real weight matrix (MiniLM), and the time to RTN-quantize all of MiniLM;
+llama.cpp's block formats on a second weight whose rows split into their 256-element super-blocks.
 
 python benchmarks/formats_minilm.py
 """
@@ -37,11 +38,35 @@ FORMATS = [
     ("binary per-channel", "binary", {}),
 ]
 
+# llama.cpp's block formats need rows that split into 256-element super-blocks (384 does not)
+GGML_LAYER = "encoder.layer.3.output.dense"  # 384 x 1536
+GGML_FORMATS = ["q8_0", "q6_k", "q5_1", "q5_k", "q5_0", "q4_1", "q4_k", "q4_0", "q3_k", "q2_k"]
+GGML_RULES = {"min-max": "minmax", "mse": "mse", "llama.cpp": "llama.cpp"}
+
+
+def rel_error(q: Quantizer, weight: torch.Tensor) -> float:
+    deq = q.dequantize(q.quantize(weight))
+    return float((weight - deq).norm() / weight.norm())
+
+
+def ggml_rows(weight: torch.Tensor) -> list[dict]:
+    """Each llama.cpp format with lowbit's rules (min-max, MSE clip search) and llama.cpp's own."""
+    rows = []
+    for name in GGML_FORMATS:
+        row = {"format": name, "bits/weight": Quantizer(make_format(name)).bits_per_weight(weight.shape)}
+        for label, clip in GGML_RULES.items():
+            row[f"rel. error {label}"] = rel_error(Quantizer(make_format(name, clip=clip)), weight)
+        rows.append(row)
+    return rows
+
 
 def main() -> None:
     torch.manual_seed(0)
     loaded = load_model("minilm")
-    weight = dict(loaded.model.named_modules())[LAYER].weight.detach().float()
+    modules = dict(loaded.model.named_modules())
+    weight = modules[LAYER].weight.detach().float()
+    ggml_weight = modules[GGML_LAYER].weight.detach().float()
+    ggml = ggml_rows(ggml_weight)
     rows = []
     for label, name, kw in FORMATS:
         q = Quantizer(make_format(name, **kw))
@@ -73,9 +98,19 @@ def main() -> None:
         )
         + f"\n\nRTN INT4-g128 of all {len(res.report.layers)} linear layers of MiniLM ({res.report.quantized_params / 1e6:.2f}M weights): "
         + f"best of 3 runs {min(timings):.2f} s (runs: {', '.join(f'{t:.2f}' for t in timings)} s).\n"
+        + f"\nllama.cpp's block formats on `{GGML_LAYER}`, shape {tuple(ggml_weight.shape)} (relative error of RTN "
+        + "with lowbit's min-max and MSE rules and with llama.cpp's reference rule, `clip='llama.cpp'`):\n\n"
+        + markdown_table(
+            ggml,
+            ["format", "bits/weight", *(f"rel. error {label}" for label in GGML_RULES)],
+            {"bits/weight": ".4f", **{f"rel. error {label}": ".4f" for label in GGML_RULES}},
+        )
     )
     write_result(
-        "formats_minilm", "Number formats on a real MiniLM weight", body, {"formats": rows, "rtn_seconds": timings}
+        "formats_minilm",
+        "Number formats on a real MiniLM weight",
+        body,
+        {"formats": rows, "rtn_seconds": timings, "ggml_layer": GGML_LAYER, "ggml_formats": ggml},
     )
 
 

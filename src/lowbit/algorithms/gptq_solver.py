@@ -13,7 +13,7 @@ step that collects Hessians and commits layers is :mod:`lowbit.algorithms.gptq`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -62,6 +62,7 @@ def gptq_quantize(
     """
     rows, cols = weight.shape
     spec = quantizer.spec
+    quantizer.check_shape(tuple(weight.shape))
     gs = quantizer.group_size_for(cols) if spec.granularity == "group" else None
     packed = isinstance(H, PackedSymmetric)
     if packed:
@@ -98,8 +99,7 @@ def gptq_quantize(
     fixed_params = gs is None or static_groups
 
     n_groups = cols // gs if gs else 1
-    scale = torch.zeros(rows if spec.granularity != "tensor" else 1, n_groups, device=weight.device)
-    zero = torch.zeros_like(scale) if spec.has_zero_point else None
+    params = _ParamsOut(rows if spec.granularity != "tensor" else 1, n_groups, weight.device)
     if dynamic_groups not in ("updated", "reference"):
         raise ValueError(f"dynamic_groups must be 'updated' or 'reference', got {dynamic_groups!r}")
     walk = _ColumnWalk(
@@ -107,10 +107,10 @@ def gptq_quantize(
         quantizer,
         block_size,
         gs,
+        quantizer.param_block(cols),
         perm,
         global_scale,
-        scale,
-        zero,
+        params,
         reference_groups=dynamic_groups == "reference",
         group_of_col=[0] * cols,
         losses=torch.zeros(cols, dtype=torch.float64, device=weight.device),
@@ -127,9 +127,7 @@ def gptq_quantize(
         fixed = None
         if fixed_params:  # per-channel/tensor parameters, or static groups: from the original weights
             fixed = _params_of_rows(quantizer, Wt, global_scale)
-            scale[r0 : r0 + fixed.scale.shape[0]] = fixed.scale[..., 0]
-            if zero is not None:
-                zero[r0 : r0 + fixed.zero.shape[0]] = fixed.zero[..., 0]
+            params.put(r0, 0, fixed)
         if perm is not None:
             permute_rows_(Wt, perm)
         _quantize_rows(walk, Wt, fixed, r0, r1)
@@ -142,14 +140,8 @@ def gptq_quantize(
         codes_t = codes_t[torch.argsort(perm)]
         if gs is not None and not static_groups:
             g_idx = torch.tensor(group_of_col, dtype=torch.int32, device=weight.device)[torch.argsort(perm)]
-    qtensor = QuantizedTensor(
-        codes=codes_t.T.contiguous(),
-        scale=scale,
-        zero=zero,
-        global_scale=global_scale,
-        spec=spec,
-        shape=tuple(weight.shape),
-        g_idx=g_idx,
+    qtensor = QuantizedTensor.from_params(
+        codes_t.T.contiguous(), params.params(global_scale), spec, tuple(weight.shape), g_idx
     )
     return GPTQResult(qtensor, damp_used, float(walk.losses.sum()))
 
@@ -160,8 +152,27 @@ def _params_of_rows(quantizer: Quantizer, Wt: torch.Tensor, global_scale, chunk:
     if quantizer.spec.granularity == "tensor":
         return quantizer.find_params(quantizer.group_view(Wt.T), global_scale)
     parts = [quantizer.find_params(quantizer.group_view(rows.T), global_scale) for rows in Wt.split(chunk, dim=1)]
-    zero = None if parts[0].zero is None else torch.cat([p.zero for p in parts])
-    return QParams(torch.cat([p.scale for p in parts]), zero, global_scale)
+    return replace(parts[0], **{name: torch.cat([getattr(p, name) for p in parts]) for name, _ in parts[0].grouped()})
+
+
+class _ParamsOut:
+    """Every group's parameters as the walk chooses them: ``[rows, groups]`` per field, allocated
+    when the first parameters arrive (which fields a format has: scale, zero or min, super-scales)."""
+
+    def __init__(self, rows: int, groups: int, device: torch.device):
+        self.shape, self.device = (rows, groups), device
+        self.fields: dict[str, torch.Tensor] = {}
+
+    def put(self, r0: int, g0: int, p: QParams) -> None:
+        """Parameters ``[r, k, 1]`` of rows ``r0:r0+r``, groups ``g0:g0+k``."""
+        for name, value in p.grouped():
+            out = self.fields.get(name)
+            if out is None:
+                out = self.fields[name] = torch.zeros(self.shape, device=self.device)
+            out[r0 : r0 + value.shape[0], g0 : g0 + value.shape[1]] = value[..., 0]
+
+    def params(self, global_scale: torch.Tensor | None) -> QParams:
+        return QParams(**{name: v.unsqueeze(-1) for name, v in self.fields.items()}, global_scale=global_scale)
 
 
 @dataclass
@@ -172,10 +183,12 @@ class _ColumnWalk:
     quantizer: Quantizer
     block_size: int
     gs: int | None
+    #: columns whose parameters are found together without static groups: a group, or a whole
+    #: super-block (its groups share one super-scale)
+    param_block: int | None
     perm: torch.Tensor | None
     global_scale: torch.Tensor | None
-    scale: torch.Tensor
-    zero: torch.Tensor | None
+    params: _ParamsOut
     reference_groups: bool
     group_of_col: list[int]
     losses: torch.Tensor
@@ -185,16 +198,14 @@ class _ColumnWalk:
 def _quantize_rows(walk: _ColumnWalk, Wt: torch.Tensor, fixed: QParams | None, r0: int, r1: int) -> None:
     """GPTQ's column walk over rows ``r0:r1`` (``Wt`` holds them transposed and permuted)."""
     U, quantizer, gs, perm, global_scale = walk.U, walk.quantizer, walk.gs, walk.perm, walk.global_scale
-    scale, zero, codes_t = walk.scale, walk.zero, walk.codes_t
+    codes_t, pb = walk.codes_t, walk.param_block
     packed = isinstance(U, PackedSymmetric)
     cols = Wt.shape[0]
     current: QParams | None = None
+    first_group = 0
     order = perm.tolist() if perm is not None else None
     if fixed is not None:  # each group's parameters as one column needs them, sliced once
-        per_group = [
-            QParams(fixed.scale[:, g], None if fixed.zero is None else fixed.zero[:, g], fixed.global_scale)
-            for g in range(fixed.scale.shape[1])
-        ]
+        per_group = [fixed.select(g) for g in range(fixed.scale.shape[1])]
     for i1 in range(0, cols, walk.block_size):
         i2 = min(i1 + walk.block_size, cols)
         W1 = Wt[i1:i2].clone()
@@ -211,20 +222,21 @@ def _quantize_rows(walk: _ColumnWalk, Wt: torch.Tensor, fixed: QParams | None, r
                 colp = per_group[g]
             else:
                 g = col // gs
-                if col % gs == 0:  # a new group
+                # A new parameter block: one group, or for K-quants a super-block, whose groups share
+                # a super-scale and so are chosen together, all from the weights as they are when the
+                # walk reaches the super-block (its later groups then miss the feedback of its earlier
+                # columns, as every group does with dynamic_groups="reference").
+                if col % pb == 0:
                     if walk.reference_groups:  # without this lazy batch's feedback (Wt lags W1 until the batch ends)
-                        window = Wt[col : col + gs]
+                        window = Wt[col : col + pb]
                     else:  # the weights as updated so far, the ones that are rounded next
-                        window = W1[i : i + gs]
-                        if window.shape[0] < gs:
-                            window = torch.cat([window, Wt[i2 : col + gs]], dim=0)
-                    current = quantizer.find_params(window.T.unsqueeze(1), global_scale)
-                    scale[r0:r1, g] = current.scale[:, 0, 0]
-                    if zero is not None:
-                        zero[r0:r1, g] = current.zero[:, 0, 0]
-                    colp = QParams(
-                        current.scale[:, 0], None if current.zero is None else current.zero[:, 0], global_scale
-                    )
+                        window = W1[i : i + pb]
+                        if window.shape[0] < pb:
+                            window = torch.cat([window, Wt[i2 : col + pb]], dim=0)
+                    current, first_group = quantizer.find_params(quantizer.group_view(window.T), global_scale), g
+                    walk.params.put(r0, g, current)
+                if col % gs == 0:
+                    colp = current.select(g - first_group)
             walk.group_of_col[col] = g
             w = W1[i]
             c = quantizer.encode(w.unsqueeze(1), colp)[:, 0]

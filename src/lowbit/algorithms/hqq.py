@@ -39,14 +39,15 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..formats import QParams, QuantizedTensor, Quantizer
+from ..formats import GGML_TYPES, QParams, QuantizedTensor, Quantizer
 from ..formats.quantizer import check_finite
 from ..models import weight_of
 from .base import EstimateInputs, Step, StepEstimate, WeightQuantConfig, register_step
 
 
 class HQQConfig(WeightQuantConfig):
-    """HQQ options (besides the format; HQQ needs an asymmetric integer format with float zeros).
+    """HQQ options (besides the format; HQQ needs an asymmetric integer format with float zeros, or
+    one that stores mins: q4_1, q5_1 and the asymmetric K-quants q2_k, q4_k, q5_k).
 
     Attributes:
         iters: maximum optimisation iterations.
@@ -71,11 +72,14 @@ class HQQConfig(WeightQuantConfig):
     stop: Literal["per_group", "global"] = "per_group"
 
     def model_post_init(self, __context) -> None:
+        if "symmetric" not in self.model_fields_set and str(self.format).lower() in GGML_TYPES:
+            self.symmetric = None  # llama.cpp's formats fix their own; the check below names those HQQ takes
         super().model_post_init(__context)
         spec = self.spec
         if spec.kind != "int" or spec.symmetric:
             raise ValueError(
                 f"format: HQQ optimises zero-points, so it needs an asymmetric integer format, got {spec.label()}"
+                + (" (of llama.cpp's formats: q4_1, q5_1, q2_k, q4_k, q5_k)" if spec.ggml_type else "")
             )
         if spec.zero_dtype == "int":
             raise ValueError("format.zero_dtype: HQQ zero-points are fractional; use a float zero_dtype")
@@ -89,13 +93,25 @@ def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
 
 @torch.no_grad()
 def hqq_quantize(weight: torch.Tensor, quantizer: Quantizer, cfg: HQQConfig) -> QuantizedTensor:
+    """HQQ's zero-points for ``weight``. Formats that store a min (``zero_style="min"``: llama.cpp's
+    Q4_1/Q5_1 and K-quants) take the optimised zero-point ``z`` as the min ``m = z * s`` (the same
+    line ``w = s*q - m = (q - z)*s``), rounded to the min's storage (fp16, or 4-/6-bit codes of
+    an fp16 super-min); the codes are then the nearest on that final grid."""
     check_finite(weight)
+    quantizer.check_shape(tuple(weight.shape))
     w2 = quantizer.as_2d(weight.detach().float())
     wg = quantizer.group_view(w2)
     # The group's own range (not widened to include 0, as integer zero-points need): the zero-point
     # HQQ optimises is fractional anyway.
     lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
-    scale = quantizer.store_scale((hi - lo).clamp(min=1e-8) / quantizer.qmax, None)
+    ideal_scale = (hi - lo).clamp(min=1e-8) / quantizer.qmax
+    with_min = quantizer.spec.zero_style == "min"
+    if with_min:  # the scale as stored (super-block formats: integer times the fp16 super-scale)
+        applied = quantizer.store_params(ideal_scale).effective_scale()
+        # a super-scale that underflowed fp16 (an all-zero super-block): every code decodes to -m
+        scale = torch.where(applied > 0, applied, torch.ones_like(applied))
+    else:
+        scale = quantizer.store_scale(ideal_scale, None)
     zero = -lo / scale
     qmax = quantizer.qmax
     beta = cfg.beta
@@ -128,11 +144,15 @@ def hqq_quantize(weight: torch.Tensor, quantizer: Quantizer, cfg: HQQConfig) -> 
         wr = (torch.clamp(torch.round(wg / scale + zero), 0, qmax) - zero) * scale
         err = (wg - wr).abs().mean(-1, keepdim=True)
         zero = torch.where(err < best_err, zero, best_zero)
-    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[quantizer.spec.zero_dtype]
-    zero = zero.to(dtype).float()
-    p = QParams(scale, zero)
+    if with_min:
+        p = quantizer.store_params(ideal_scale, zero * applied)
+    else:
+        dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[
+            quantizer.spec.zero_dtype
+        ]
+        p = QParams(scale, zero.to(dtype).float())
     codes = quantizer.encode(wg, p).reshape(w2.shape)
-    return QuantizedTensor(codes, scale[..., 0], zero[..., 0], None, quantizer.spec, tuple(weight.shape))
+    return QuantizedTensor.from_params(codes, p, quantizer.spec, tuple(weight.shape))
 
 
 @register_step

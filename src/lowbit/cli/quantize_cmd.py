@@ -30,7 +30,8 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--format",
         default="int",
-        help="number format: int, fp8, fp6, fp4, mxfp4, mxfp8, nvfp4, nf4, binary, ternary ...",
+        help="number format: int, fp8, fp6, fp4, mxfp4, mxfp8, nvfp4, nf4, binary, ternary, "
+        "llama.cpp's q4_0 ... q8_0, q2_k ... q6_k ...",
     )
     p.add_argument("--bits", type=int, default=None, help="bits per code for integer formats (default 4)")
     p.add_argument(
@@ -39,7 +40,12 @@ def add_parser(sub) -> None:
     sym = p.add_mutually_exclusive_group()
     sym.add_argument("--symmetric", dest="symmetric", action="store_true", default=None, help="no zero-point")
     sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="with a zero-point per group")
-    p.add_argument("--clip", choices=["minmax", "mse"], default=None, help="clipping rule for scales")
+    p.add_argument(
+        "--clip",
+        choices=["minmax", "mse", "llama.cpp"],
+        default=None,
+        help="clipping rule for scales (llama.cpp: its reference quantizers' rule, for q4_0 ... q6_k)",
+    )
     p.add_argument("--recipe", default=None, help="YAML recipe file (replaces --method/--format/...)")
     p.add_argument(
         "--ignore", action="append", default=None, help="layer name pattern to skip (repeatable; default lm_head)"

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from .ggml_types import GGML_TYPES, STRUCTURE_FIELDS
 from .spec import FormatSpec
 
 # Presets fix the element grid and, for the block formats, the block structure that defines them.
@@ -68,10 +69,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     "nf4": {"kind": "nf4", "group_size": 64},
     "binary": {"kind": "binary", "granularity": "channel", "group_size": None},
     "ternary": {"kind": "ternary", "granularity": "channel", "group_size": None},
+    # llama.cpp's block formats (q4_0 ... q6_k): their grids, exactly
+    **{name: {**t.fields, "name": name} for name, t in GGML_TYPES.items()},
 }
 
-# Fields a preset fixes because the format is defined by them (the OCP MX and NVFP4 block layouts).
-_FIXED = {name: ("group_size", "scale_dtype") for name in ("mxfp4", "mxfp6", "mxfp8", "nvfp4")}
+# Fields a preset fixes because the format is defined by them (the OCP MX, NVFP4 and ggml block layouts).
+_FIXED = {
+    **{name: ("group_size", "scale_dtype") for name in ("mxfp4", "mxfp6", "mxfp8", "nvfp4")},
+    **{name: tuple(f for f in STRUCTURE_FIELDS if f != "granularity") for name in GGML_TYPES},
+}
 
 
 def format_names() -> list[str]:
@@ -97,8 +103,9 @@ def make_format(fmt: str | FormatSpec | dict[str, Any] = "int4", **overrides: An
             raise ValueError(f"unknown format {fmt!r}; known formats: {', '.join(format_names())}")
         base = dict(PRESETS[key])
         for field in _FIXED.get(key, ()):
-            if field in overrides and overrides[field] is not None and overrides[field] != base[field]:
-                raise ValueError(f"{key} is defined with {field}={base[field]!r}; got {field}={overrides[field]!r}")
+            fixed = base.get(field, FormatSpec.model_fields[field].default)
+            if field in overrides and overrides[field] is not None and overrides[field] != fixed:
+                raise ValueError(f"{key} is defined with {field}={fixed!r}; got {field}={overrides[field]!r}")
     for key, value in overrides.items():
         if value is None:
             continue

@@ -1,94 +1,27 @@
 """Quantize, dequantize and fake-quantize tensors in any :class:`FormatSpec`.
 
 Every format is handled the same way: the tensor is viewed as ``[rows, groups, group_size]``,
-each group gets parameters (scale, optional zero-point, optional per-tensor global scale) and the
-elements become unsigned integer codes on the format's grid. Algorithms that choose codes
-themselves (GPTQ, HQQ, AWQ) use :meth:`Quantizer.compute_params`, :meth:`Quantizer.encode` and
-:meth:`Quantizer.decode` directly.
+each group gets parameters (scale, optional zero-point or min, optional per-tensor global scale or
+per-super-block super-scale) and the elements become unsigned integer codes on the format's grid.
+Algorithms that choose codes themselves (GPTQ, HQQ, AWQ) use :meth:`Quantizer.compute_params`,
+:meth:`Quantizer.encode` and :meth:`Quantizer.decode` directly.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import replace
 from fractions import Fraction
 
 import torch
 
 from .grids import TableGrid, fp_emax, table_for
-from .spec import FormatSpec
+from .qtensor import QParams, QuantizedTensor
+from .spec import INT_CODE_RANGE, SUPER_SCALE_BITS, FormatError, FormatSpec
 
 _FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-
-class FormatError(ValueError):
-    """A tensor does not fit a format (shape, values)."""
-
-
-@dataclass
-class QParams:
-    """Per-group quantization parameters, shaped ``[rows, groups, 1]`` (float32).
-
-    ``scale`` holds the *stored* scale values (already rounded to ``scale_dtype``); the scale
-    applied to codes is ``scale * global_scale`` when a global scale is present.
-    """
-
-    scale: torch.Tensor
-    zero: torch.Tensor | None = None
-    global_scale: torch.Tensor | None = None
-
-    def effective_scale(self) -> torch.Tensor:
-        return self.scale if self.global_scale is None else self.scale * self.global_scale
-
-    def select(self, index: torch.Tensor | slice) -> QParams:
-        """Parameters of a subset of groups (along dim 1)."""
-        return QParams(
-            self.scale[:, index],
-            None if self.zero is None else self.zero[:, index],
-            self.global_scale,
-        )
-
-
-@dataclass
-class QuantizedTensor:
-    """Integer codes plus the parameters needed to reconstruct a 2-D tensor.
-
-    ``codes`` has the tensor's (2-D) shape; ``scale``/``zero`` are ``[rows, groups]``. ``g_idx``
-    maps each column to its group when columns were not grouped contiguously (GPTQ act-order).
-    """
-
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor | None
-    global_scale: torch.Tensor | None
-    spec: FormatSpec
-    shape: tuple[int, ...]
-    g_idx: torch.Tensor | None = field(default=None)
-
-    def params(self) -> QParams:
-        return QParams(
-            self.scale.unsqueeze(-1),
-            None if self.zero is None else self.zero.unsqueeze(-1),
-            self.global_scale,
-        )
-
-    def bits_per_weight(self) -> float:
-        return Quantizer(self.spec).bits_per_weight(self.shape)
-
-    def rows(self, start: int, stop: int) -> QuantizedTensor:
-        """Rows ``start:stop`` of a 2-D quantized tensor (views; per-tensor parameters are shared)."""
-        if len(self.shape) != 2:
-            raise ValueError(f"rows() needs a 2-D quantized tensor, not shape {self.shape}")
-        per_row = self.spec.granularity != "tensor"
-        return QuantizedTensor(
-            codes=self.codes[start:stop],
-            scale=self.scale[start:stop] if per_row else self.scale,
-            zero=None if self.zero is None else (self.zero[start:stop] if per_row else self.zero),
-            global_scale=self.global_scale,
-            spec=self.spec,
-            shape=(len(range(*slice(start, stop).indices(self.shape[0]))), self.shape[1]),
-            g_idx=self.g_idx,
-        )
+__all__ = ["FormatError", "QParams", "QuantizedTensor", "Quantizer", "check_finite"]
 
 
 class Quantizer:
@@ -98,18 +31,45 @@ class Quantizer:
         self.spec = spec
         self.qmax = (1 << spec.bits) - 1
         self.table: TableGrid | None = None if spec.kind == "int" else table_for(spec)
+        # Only these can meet a zero scale (an integer sub-block scale of 0, llama.cpp's d = 0 for an
+        # all-zero block, an unrounded ideal): their codes are then fixed, not x / 0.
+        self._zero_scales = spec.super_block is not None or spec.zero_style == "min" or spec.clip == "llama.cpp"
 
     # ------------------------------------------------------------------ shapes
-    def group_size_for(self, cols: int) -> int:
+    def group_size_for(self, cols: int, shape: tuple[int, ...] | None = None) -> int:
         s = self.spec
         if s.granularity == "group":
-            if cols % s.group_size != 0:
-                raise FormatError(
-                    f"group_size {s.group_size} does not divide the input dimension {cols}; "
-                    f"choose a group size that divides {cols}"
-                )
+            block = s.super_block or s.group_size
+            if cols % block != 0:
+                raise FormatError(self._shape_message(cols, block, shape))
             return s.group_size
         return cols
+
+    def _shape_message(self, cols: int, block: int, shape: tuple[int, ...] | None) -> str:
+        s = self.spec
+        if s.super_block is None and not (s.name and s.name == s.ggml_type):
+            return (
+                f"group_size {s.group_size} does not divide the input dimension {cols}; "
+                f"choose a group size that divides {cols}"
+            )
+        what = f"shape {tuple(shape)}" if shape is not None else "a tensor"
+        kind = "super-blocks" if s.super_block else "blocks"
+        return (
+            f"{s.label()} quantizes {kind} of {block} elements along the input (last) dimension; "
+            f"{what} has {cols} there, not a multiple of {block}"
+        )
+
+    def check_shape(self, shape: tuple[int, ...] | torch.Size) -> None:
+        """Raise :class:`FormatError` (naming the shape and the block) if rows do not split into blocks."""
+        if self.spec.granularity == "group":
+            self.group_size_for(shape[-1] if len(shape) else 1, tuple(shape))
+
+    def param_block(self, cols: int) -> int | None:
+        """Columns whose parameters are chosen together: a super-block (one super-scale for all its
+        groups), else a group; ``None`` for per-channel/per-tensor parameters."""
+        if self.spec.granularity != "group":
+            return None
+        return self.spec.super_block or self.group_size_for(cols)
 
     def as_2d(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 0:
@@ -123,7 +83,7 @@ class Quantizer:
         rows, cols = x2d.shape
         if self.spec.granularity == "tensor":
             return x2d.reshape(1, 1, rows * cols)
-        gs = self.group_size_for(cols)
+        gs = self.group_size_for(cols, tuple(x2d.shape))
         return x2d.reshape(rows, cols // gs, gs)
 
     # ------------------------------------------------------------------ parameters
@@ -138,9 +98,14 @@ class Quantizer:
     def compute_params(
         self, xg: torch.Tensor, ratio: float | torch.Tensor = 1.0, global_scale: torch.Tensor | None = None
     ) -> QParams:
-        """Parameters for groups ``xg`` (``[rows, groups, size]``), shrinking the range by ``ratio``."""
+        """Parameters for groups ``xg`` (``[rows, groups, size]``), shrinking the range by ``ratio``.
+
+        Formats with super-blocks need whole super-blocks in ``xg`` (consecutive runs of groups)."""
         s = self.spec
         x = xg.detach().float()
+        if s.zero_style == "min" or s.super_block is not None:
+            ideal = self.ideal_params(x, ratio)
+            return self.store_params(ideal.scale, ideal.zero)
         if s.kind == "int" and not s.symmetric:
             xmin = torch.clamp(x.amin(-1, keepdim=True), max=0.0) * ratio
             xmax = torch.clamp(x.amax(-1, keepdim=True), min=0.0) * ratio
@@ -161,6 +126,51 @@ class Quantizer:
         if s.scale_dtype == "e8m0":
             return QParams(self._e8m0_scale(amax * ratio, ideal))
         return QParams(self.store_scale(ideal, global_scale), None, global_scale)
+
+    def ideal_params(self, x: torch.Tensor, ratio: float | torch.Tensor = 1.0) -> QParams:
+        """Unrounded float32 parameters of the min-max rule, for the formats whose storage is more
+        than rounding a float (``zero_style="min"``, super-blocks): with mins, the range
+        ``[min, max]`` (``min`` only down to 0 when mins are unsigned integers, as in llama.cpp's
+        K-quants) as ``scale = range / qmax`` and ``min = -lo``; symmetric, ``amax / (qmax / 2)``."""
+        if self.spec.zero_style == "min":
+            lo = x.amin(-1, keepdim=True)
+            if self.spec.super_min:
+                lo = lo.clamp(max=0.0)
+            lo, hi = lo * ratio, x.amax(-1, keepdim=True) * ratio
+            return QParams((hi - lo) / self.qmax, -lo)
+        return QParams(x.abs().amax(-1, keepdim=True) * ratio / (self.qmax / 2))
+
+    def store_params(self, ideal_scale: torch.Tensor, ideal_min: torch.Tensor | None = None) -> QParams:
+        """Float scales (and, with ``zero_style="min"``, mins in weight units) rounded to the format's
+        storage: float types, or integers times an fp16 super-scale per super-block."""
+        s = self.spec
+        if s.super_block is None:
+            zero = None if ideal_min is None else ideal_min.to(_FLOAT_DTYPES[s.zero_dtype]).float()
+            return QParams(self.store_scale(ideal_scale, None), zero)
+        scale, super_scale = self._two_level(ideal_scale, s.scale_dtype, keep_nonzero=True)
+        if ideal_min is None:
+            return QParams(scale, super_scale=super_scale)
+        if not s.super_min:
+            return QParams(scale, ideal_min.to(_FLOAT_DTYPES[s.zero_dtype]).float(), None, super_scale)
+        zero, super_min = self._two_level(ideal_min, s.zero_dtype, keep_nonzero=False)
+        return QParams(scale, zero, None, super_scale, super_min)
+
+    def _two_level(self, ideal: torch.Tensor, dtype: str, keep_nonzero: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Non-negative per-group values as integer codes times an fp16 value per super-block: the
+        largest group sets the fp16 value (its code is the top of the range), the others round to
+        the nearest multiple of it. ``keep_nonzero``: a group with a range keeps a scale >= 1."""
+        lo, hi = INT_CODE_RANGE[dtype]
+        k = self.spec.super_block // self.spec.group_size
+        rows, groups, _ = ideal.shape
+        if groups % k:
+            raise FormatError(f"{self.spec.label()}: parameters are chosen per super-block of {k} groups, got {groups}")
+        v = ideal.reshape(rows, groups // k, k)
+        sup = (v.amax(-1, keepdim=True) / hi).to(torch.float16).float() + 0.0  # + 0.0: no -0.0 stored
+        codes = torch.round(v / sup).clamp(lo, hi) + 0.0
+        if keep_nonzero:
+            codes = torch.where(v > 0, codes.clamp(min=1), codes)
+        codes = torch.where(sup > 0, codes, torch.zeros_like(codes))
+        return codes.reshape(rows, groups, 1), sup.expand(rows, groups // k, k).reshape(rows, groups, 1)
 
     def _ternary_scale(self, x: torch.Tensor) -> torch.Tensor:
         mean_abs = x.abs().mean(-1, keepdim=True)
@@ -195,7 +205,11 @@ class Quantizer:
         return scale if global_scale is None else scale * global_scale
 
     def find_params(self, xg: torch.Tensor, global_scale: torch.Tensor | None = None) -> QParams:
-        """Parameters by the spec's clipping rule (min-max, or MSE search over clip ratios)."""
+        """Parameters by the spec's rule (min-max, MSE search over clip ratios, or llama.cpp's)."""
+        if self.spec.clip == "llama.cpp":
+            from .llamacpp import reference_quantize
+
+            return reference_quantize(self.spec, xg)[0]
         if self.spec.clip == "minmax" or self.spec.kind == "binary":
             return self.compute_params(xg, 1.0, global_scale)
         return self.mse_search(xg, global_scale)
@@ -206,19 +220,26 @@ class Quantizer:
         """Per group, the clip ratio in ``[clip_min_ratio, 1]`` with the least ``clip_norm`` error.
 
         ``weight`` (broadcastable to ``xg``) weights each element's error, e.g. by input importance.
+        With super-blocks each group's ratio is searched on its unrounded float parameters (groups
+        share a super-scale, so rounded candidates of different groups do not combine); the
+        chosen parameters are then stored together.
         """
-        s = self.spec
         x = xg.detach().float()
-        best = self.compute_params(x, 1.0, global_scale)
+        if self.spec.super_block is not None:
+            best = self._clip_search(x, weight, lambda r: self.ideal_params(x, r))
+            return self.store_params(best.scale, best.zero)
+        return self._clip_search(x, weight, lambda r: self.compute_params(x, r, global_scale))
+
+    def _clip_search(self, x: torch.Tensor, weight: torch.Tensor | None, candidate) -> QParams:
+        s = self.spec
+        best = candidate(1.0)
         best_err = self._group_error(x, best, weight)
         for ratio in torch.linspace(1.0, s.clip_min_ratio, s.clip_grid + 1)[1:].tolist():
-            cand = self.compute_params(x, ratio, global_scale)
+            cand = candidate(ratio)
             err = self._group_error(x, cand, weight)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best.scale = torch.where(better, cand.scale, best.scale)
-            if best.zero is not None:
-                best.zero = torch.where(better, cand.zero, best.zero)
+            best = best.where(better, cand)
         return best
 
     def _group_error(self, x: torch.Tensor, p: QParams, weight: torch.Tensor | None) -> torch.Tensor:
@@ -232,39 +253,52 @@ class Quantizer:
         """Unsigned codes (uint8) of ``xg`` under parameters ``p`` (broadcast over the last dim)."""
         x = xg.float()
         scale = p.effective_scale()
-        if self.table is None:
-            zero = p.zero if p.zero is not None else float(1 << (self.spec.bits - 1))
-            # round(x/s + z), not round(x/s) + z: the same for integer zero-points, and right for
-            # the fractional ones HQQ produces
-            return torch.clamp(torch.round(x / scale + zero), 0, self.qmax).to(torch.uint8)
-        return self.table.encode(x / scale)
+        if self.table is not None:
+            return self.table.encode(x / scale)
+        s = self.spec
+        if s.zero_style == "min":  # w = s q - m: q = round((w + m) / s), llama.cpp's nearest_int((x + dm) / d)
+            codes, fill = torch.round((x + p.effective_zero()) / scale), 0.0
+        else:
+            zero = p.zero if p.zero is not None else float(1 << (s.bits - 1))
+            if s.super_block is not None:  # llama.cpp's nearest_int(x / d) + offset
+                codes = torch.round(x / scale) + zero
+            else:
+                # round(x/s + z), not round(x/s) + z: the same for integer zero-points, and right for
+                # the fractional ones HQQ produces
+                codes = torch.round(x / scale + zero)
+            fill = zero
+        if self._zero_scales:  # every code decodes to the same value: take the zero-point (or 0)
+            codes = torch.where(scale == 0, fill, codes)
+        return torch.clamp(codes, 0, self.qmax).to(torch.uint8)
 
     def decode(self, codes: torch.Tensor, p: QParams) -> torch.Tensor:
         scale = p.effective_scale()
-        if self.table is None:
-            zero = p.zero if p.zero is not None else float(1 << (self.spec.bits - 1))
-            return (codes.float() - zero) * scale
-        return self.table.decode(codes) * scale
+        if self.table is not None:
+            return self.table.decode(codes) * scale
+        if self.spec.zero_style == "min":  # ggml's d * q - m (Q4_1 adds its m = -ours: the same float)
+            return codes.float() * scale - p.effective_zero()
+        zero = p.zero if p.zero is not None else float(1 << (self.spec.bits - 1))
+        return (codes.float() - zero) * scale
 
     def quantize_dequantize(self, x: torch.Tensor, p: QParams) -> torch.Tensor:
         return self.decode(self.encode(x, p), p)
 
+    def _params_and_codes(self, xg: torch.Tensor, gscale: torch.Tensor | None) -> tuple[QParams, torch.Tensor]:
+        if self.spec.clip == "llama.cpp":  # the reference's own codes: the legacy types round with the unrounded d
+            from .llamacpp import reference_quantize
+
+            return reference_quantize(self.spec, xg)
+        p = self.find_params(xg, gscale)
+        return p, self.encode(xg, p)
+
     # ------------------------------------------------------------------ whole tensors
     def quantize(self, x: torch.Tensor) -> QuantizedTensor:
         check_finite(x)
+        self.check_shape(tuple(x.shape))
         x2d = self.as_2d(x.detach())
         xg = self.group_view(x2d)
-        gscale = self.global_scale_for(x2d)
-        p = self.find_params(xg, gscale)
-        codes = self.encode(xg, p).reshape(x2d.shape)
-        return QuantizedTensor(
-            codes=codes,
-            scale=p.scale.squeeze(-1),
-            zero=None if p.zero is None else p.zero.squeeze(-1),
-            global_scale=p.global_scale,
-            spec=self.spec,
-            shape=tuple(x.shape),
-        )
+        p, codes = self._params_and_codes(xg, self.global_scale_for(x2d))
+        return QuantizedTensor.from_params(codes.reshape(x2d.shape), p, self.spec, tuple(x.shape))
 
     def dequantize(self, q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         p = q.params()
@@ -272,11 +306,7 @@ class Quantizer:
             # Non-contiguous groups: gather each column's parameters.
             cols = q.codes.shape[-1]
             per_col = p.select(q.g_idx.long())  # [rows, cols, 1]
-            per_col = QParams(
-                per_col.scale.reshape(-1, cols),
-                None if per_col.zero is None else per_col.zero.reshape(-1, cols),
-                per_col.global_scale,
-            )
+            per_col = replace(per_col, **{name: v.reshape(-1, cols) for name, v in per_col.grouped()})
             return self.decode(q.codes, per_col).reshape(q.shape).to(dtype)
         codes = self.group_view(q.codes)
         return self.decode(codes, p).reshape(q.shape).to(dtype)
@@ -285,8 +315,8 @@ class Quantizer:
         """Quantize-dequantize with a straight-through gradient (identity in the backward pass)."""
         x2d = self.as_2d(x)
         xg = self.group_view(x2d)
-        p = self.find_params(xg, self.global_scale_for(x2d))
-        dq = self.decode(self.encode(xg, p), p).reshape(x.shape).to(x.dtype)
+        p, codes = self._params_and_codes(xg.detach(), self.global_scale_for(x2d))
+        dq = self.decode(codes, p).reshape(x.shape).to(x.dtype)
         return x + (dq - x).detach()
 
     # ------------------------------------------------------------------ accounting
@@ -294,7 +324,8 @@ class Quantizer:
         return float(self.exact_bits(shape) / math.prod(shape))
 
     def exact_bits(self, shape: tuple[int, ...] | torch.Size) -> Fraction:
-        """Total storage bits of a tensor of ``shape``: codes, scales, zero-points, global scale."""
+        """Total storage bits of a tensor of ``shape``: codes, scales, zero-points or mins, global
+        scale, and the fp16 super-scales (and super-mins) of super-blocks."""
         s = self.spec
         numel = math.prod(shape)
         cols = shape[-1] if len(shape) else 1
@@ -302,12 +333,14 @@ class Quantizer:
         if s.granularity == "tensor":
             groups = 1
         else:
-            groups = rows * (cols // self.group_size_for(cols))
+            groups = rows * (cols // self.group_size_for(cols, tuple(shape)))
         bits = numel * s.bits + groups * s.scale_bits
         if s.has_zero_point:
             bits += groups * s.zero_bits
         if s.global_scale:
             bits += 32
+        if s.super_block is not None:
+            bits += (numel // s.super_block) * SUPER_SCALE_BITS * (2 if s.super_min else 1)
         return Fraction(bits)
 
     def with_spec(self, **changes) -> Quantizer:

@@ -6,11 +6,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
+from .ggml_types import GGML_TYPES, ggml_type_of
+
 Kind = Literal["int", "fp", "nf4", "lut", "binary", "ternary"]
 Granularity = Literal["tensor", "channel", "group", "token"]
-ScaleDType = Literal["float32", "float16", "bfloat16", "e8m0", "e4m3"]
-ZeroDType = Literal["float32", "float16", "bfloat16", "int"]
-ClipMethod = Literal["minmax", "mse"]
+ScaleDType = Literal["float32", "float16", "bfloat16", "e8m0", "e4m3", "uint4", "uint6", "int6", "int8"]
+ZeroDType = Literal["float32", "float16", "bfloat16", "int", "uint4", "uint6"]
+ZeroStyle = Literal["code", "min"]
+ClipMethod = Literal["minmax", "mse", "llama.cpp"]
 
 # (exponent bits, mantissa bits) of the floating-point element types lowbit knows.
 FP_ELEMENTS: dict[str, tuple[int, int]] = {
@@ -21,7 +24,31 @@ FP_ELEMENTS: dict[str, tuple[int, int]] = {
     "e2m1": (2, 1),
 }
 
-SCALE_BITS: dict[str, int] = {"float32": 32, "float16": 16, "bfloat16": 16, "e8m0": 8, "e4m3": 8}
+SCALE_BITS: dict[str, int] = {
+    "float32": 32,
+    "float16": 16,
+    "bfloat16": 16,
+    "e8m0": 8,
+    "e4m3": 8,
+    "uint4": 4,
+    "uint6": 6,
+    "int6": 6,
+    "int8": 8,
+}
+
+# Scales and mins stored as small integers relative to an fp16 super-scale (llama.cpp's K-quants):
+# the range of the stored integer.
+INT_CODE_RANGE: dict[str, tuple[int, int]] = {
+    "uint4": (0, 15),
+    "uint6": (0, 63),
+    "int6": (-32, 31),
+    "int8": (-128, 127),
+}
+SUPER_SCALE_BITS = 16  # the super-scale (and super-min) of a super-block: fp16, as in ggml
+
+
+class FormatError(ValueError):
+    """A tensor does not fit a format (shape, values)."""
 
 
 class FormatSpec(BaseModel):
@@ -39,13 +66,23 @@ class FormatSpec(BaseModel):
             ``group_size`` consecutive input elements of a row, or per ``token`` (a row of an
             activation, computed at run time).
         group_size: elements per group when granularity is ``group``.
-        scale_dtype: how each scale is stored: a float type, ``e8m0`` (power of two, OCP MX) or
-            ``e4m3`` (FP8, used by NVFP4 together with ``global_scale``).
+        scale_dtype: how each scale is stored: a float type, ``e8m0`` (power of two, OCP MX),
+            ``e4m3`` (FP8, used by NVFP4 together with ``global_scale``), or a small integer
+            (``uint4``, ``uint6``, ``int6``: -32..31, ``int8``) times the fp16 super-scale of the
+            group's ``super_block`` (llama.cpp's K-quants).
         global_scale: a second-level FP32 scale per tensor (NVFP4).
-        zero_dtype: storage of asymmetric zero-points: a float type, or ``int`` (``bits`` bits,
-            as GPTQ checkpoints pack them).
+        zero_dtype: storage of asymmetric zero-points: a float type, ``int`` (``bits`` bits,
+            as GPTQ checkpoints pack them), or (mins only) ``uint4``/``uint6`` times the fp16
+            super-min of the group's ``super_block``.
+        zero_style: what an asymmetric group stores. ``code``: a zero-point ``z`` in code units,
+            ``w = (q - z) * s``. ``min``: an offset ``m`` in weight units, ``w = s * q - m``
+            (llama.cpp's Q4_1/Q5_1 and K-quants; decoded in that order, as ggml does).
+        super_block: elements per super-block (a multiple of ``group_size``) whose groups share
+            one fp16 super-scale (and super-min), with integer ``scale_dtype``/``zero_dtype``.
         clip: ``minmax`` uses the full range; ``mse`` searches a clip ratio per group that
-            minimises the ``clip_norm``-norm of the quantization error.
+            minimises the ``clip_norm``-norm of the quantization error; ``llama.cpp`` (llama.cpp's
+            block formats only) chooses parameters and codes as llama.cpp's reference quantizers
+            (``quantize_row_*_ref``) do.
         lut: grid values for ``kind="lut"``; scaled so that max |value| maps to the group's absmax.
         ternary_method: the scale of ternary groups: ``twn`` (Li et al. 2016: the mean
             magnitude of the weights above 0.7 mean|w|) or ``absmean`` (BitNet b1.58: mean|w|).
@@ -63,6 +100,8 @@ class FormatSpec(BaseModel):
     scale_dtype: ScaleDType = "float16"
     global_scale: bool = False
     zero_dtype: ZeroDType = "float16"
+    zero_style: ZeroStyle = "code"
+    super_block: int | None = None
     clip: ClipMethod = "minmax"
     clip_grid: int = 20
     clip_min_ratio: float = 0.5
@@ -127,7 +166,34 @@ class FormatSpec(BaseModel):
             raise ValueError("global_scale needs granularity='group'")
         if self.scale_dtype == "e8m0" and kind not in ("fp", "int", "nf4", "lut"):
             raise ValueError(f"scale_dtype='e8m0' is not defined for kind={kind!r}")
+        self._check_min_and_super_block()
+        if self.clip == "llama.cpp" and self.ggml_type is None:
+            names = ", ".join(GGML_TYPES)
+            raise ValueError(f"clip='llama.cpp' needs one of llama.cpp's block formats ({names})")
         return self
+
+    def _check_min_and_super_block(self) -> None:
+        if self.zero_style == "min" and not self.has_zero_point:
+            raise ValueError("zero_style='min' stores a min per group: it needs kind='int' with symmetric=False")
+        if self.zero_style == "min" and self.zero_dtype == "int":
+            raise ValueError("zero_style='min' stores mins in weight units: zero_dtype cannot be 'int'")
+        int_scales = self.scale_dtype in INT_CODE_RANGE
+        int_mins = self.has_zero_point and self.zero_dtype in INT_CODE_RANGE
+        if self.zero_dtype in INT_CODE_RANGE and self.zero_style != "min":
+            raise ValueError(f"zero_dtype={self.zero_dtype!r} codes mins: it needs zero_style='min'")
+        if self.super_block is None:
+            if int_scales or int_mins:
+                what = f"scale_dtype={self.scale_dtype!r}" if int_scales else f"zero_dtype={self.zero_dtype!r}"
+                raise ValueError(f"{what} is relative to a super-scale: it needs super_block")
+            return
+        if self.kind != "int" or self.granularity != "group":
+            raise ValueError("super_block needs kind='int' with granularity='group'")
+        if self.super_block % self.group_size != 0:
+            raise ValueError(f"super_block {self.super_block} must be a multiple of group_size {self.group_size}")
+        if not int_scales:
+            raise ValueError("super_block needs integer scales (scale_dtype uint4, uint6, int6 or int8)")
+        if self.global_scale:
+            raise ValueError("super_block and global_scale are two different second-level scales; choose one")
 
     # ----------------------------------------------------------------- derived facts
     @property
@@ -142,8 +208,21 @@ class FormatSpec(BaseModel):
     def zero_bits(self) -> int:
         return self.bits if self.zero_dtype == "int" else SCALE_BITS[self.zero_dtype]
 
+    @property
+    def super_min(self) -> bool:
+        """Mins stored as integers relative to a per-super-block fp16 super-min."""
+        return self.has_zero_point and self.zero_dtype in INT_CODE_RANGE
+
+    @property
+    def ggml_type(self) -> str | None:
+        """The llama.cpp block type with exactly this grid (``q4_k`` ...), if any."""
+        t = ggml_type_of(self.model_dump())
+        return None if t is None else t.name
+
     def label(self) -> str:
         """Short human-readable name, e.g. ``int4-asym-g128``."""
+        if self.name and self.ggml_type is not None:  # llama.cpp's names say it all
+            return self.name if self.clip == "minmax" else f"{self.name}-{self.clip}"
         base = (
             self.name
             or {

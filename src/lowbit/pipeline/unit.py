@@ -250,15 +250,7 @@ class Unit:
 
 
 def _to_cpu(q: QuantizedTensor) -> QuantizedTensor:
-    return QuantizedTensor(
-        codes=q.codes.cpu(),
-        scale=q.scale.cpu(),
-        zero=None if q.zero is None else q.zero.cpu(),
-        global_scale=None if q.global_scale is None else q.global_scale.cpu(),
-        spec=q.spec,
-        shape=q.shape,
-        g_idx=None if q.g_idx is None else q.g_idx.cpu(),
-    )
+    return q.to("cpu")
 
 
 class Timer:
