@@ -29,12 +29,16 @@ def run(args: argparse.Namespace) -> int:
     from ..export.atomic import check_writable
 
     check_writable(out)
+    import torch
     from rich.console import Console
 
     from ..export.gguf import write_gguf
+    from ..models import checkpoint_dtype, resolve_model_path
     from ..runtime import load
 
-    loaded = load(args.model, native_kernels=False)
+    path = resolve_model_path(args.model)
+    # the unquantized tensors keep the checkpoint's float type (an fp16 model gives F16 tensors)
+    loaded = load(path, dtype=checkpoint_dtype(path) or torch.float32, native_kernels=False)
     write_gguf(loaded.model, loaded.path, out)
     Console().print(f"wrote [bold]{out}[/bold] ({out.stat().st_size / 2**20:.2f} MiB)")
     return 0

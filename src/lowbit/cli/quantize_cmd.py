@@ -77,11 +77,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--save-format",
-        choices=["auto", "compressed-tensors", "lowbit", "fake"],
+        choices=["auto", "compressed-tensors", "lowbit", "gguf", "fake"],
         default="auto",
         help="how quantized layers are stored: compressed-tensors (packed; vLLM and transformers load it), lowbit "
-        "(lowbit's packed layout: every format, read by lowbit.load), fake (dense dequantized weights, original "
-        "size), auto (default: compressed-tensors where it holds every layer, else lowbit)",
+        "(lowbit's packed layout: every format, read by lowbit.load), gguf (lowbit's layout plus OUT/model.gguf "
+        "for llama.cpp), fake (dense dequantized weights, original size), auto (default: compressed-tensors where "
+        "it holds every layer, else lowbit)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument(

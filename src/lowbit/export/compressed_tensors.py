@@ -42,6 +42,8 @@ _SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16":
 
 def _ct_format(spec: FormatSpec) -> str | None:
     """The compressed-tensors format name that holds ``spec`` exactly, or ``None``."""
+    if spec.super_block is not None or spec.zero_style != "code":  # llama.cpp's two-level and min formats
+        return None
     if spec.kind == "int" and spec.granularity in ("group", "channel", "tensor") and spec.scale_dtype in _SCALE_DTYPES:
         if spec.has_zero_point and spec.zero_dtype not in ("int", *_SCALE_DTYPES):
             return None

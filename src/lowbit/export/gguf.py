@@ -1,9 +1,10 @@
 """GGUF files for llama.cpp, written with the ``gguf`` package from a model lowbit quantized.
 
 Quantized linears go in as llama.cpp blocks holding exactly lowbit's codes and scales
-(:func:`ggml_blocks`): a layer quantized onto a llama.cpp grid (``q4_0`` ... ``q6_k``), or in a
-lowbit format that one of those grids contains (symmetric INT4 / INT5 / INT8 in groups of a
-multiple of 32 or per channel, as Q4_0 / Q5_0 / Q8_0), is stored without loss. Anything else is
+(:func:`ggml_blocks`, packed by :mod:`lowbit.formats.ggml`): a layer quantized onto a llama.cpp
+grid (``q4_0`` ... ``q6_k``), or in a lowbit format that one of those grids contains (symmetric
+INT4 / INT5 / INT8 with fp16 scales in groups of a multiple of 32 or per channel, as Q4_0 / Q5_0 /
+Q8_0), is stored without loss. Anything else is
 refused, naming the layer and the format to quantize to instead. The other tensors are written
 in the checkpoint's float type (norms in F32, as llama.cpp expects).
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gguf
@@ -26,8 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..formats import QuantizedTensor
-from .layouts import ExportError
+from ..formats import FormatError, QuantizedTensor, ggml, make_format
+from .layouts import ExportError, register_layout
+from .lowbit_packed import LowbitPackedLayout
 
 log = logging.getLogger(__name__)
 
@@ -47,31 +49,57 @@ ARCHS = {
     "qwen3": GGUFArch("qwen3", permute_qk=False),
 }
 
-_FLOAT_TYPES = {torch.float32: np.float32, torch.float16: np.float16}
-
 
 def ggml_blocks(q: QuantizedTensor) -> tuple[np.ndarray, int]:
     """``q`` as llama.cpp blocks: a uint8 array ``[rows, bytes per row]`` and its ggml type id.
     Raises :class:`ExportError` when no llama.cpp type holds ``q``'s values exactly."""
-    from ..formats import ggml
+    if q.spec.ggml_type is None:
+        q = _as_legacy_blocks(q)
+    try:
+        return ggml.to_ggml_bytes(q), ggml.ggml_type(q.spec).type_id
+    except FormatError as exc:
+        raise ExportError(str(exc)) from None
 
-    return ggml.to_ggml_blocks(q)
+
+def _as_legacy_blocks(q: QuantizedTensor) -> QuantizedTensor:
+    """A symmetric INT4/INT5/INT8 tensor with fp16 scales per group of a multiple of 32 (or per
+    channel) as Q4_0/Q5_0/Q8_0: the same codes, each group's scale repeated for its blocks of 32."""
+    s = q.spec
+    cols = q.shape[1]
+    group = s.group_size if s.granularity == "group" else cols if s.granularity == "channel" else 0
+    if (
+        s.kind != "int"
+        or s.bits not in (4, 5, 8)
+        or s.has_zero_point
+        or s.scale_dtype != "float16"
+        or not group
+        or group % 32
+        or q.g_idx is not None
+    ):
+        raise ExportError(
+            f"no llama.cpp type holds {s.label()} exactly: quantize onto one of llama.cpp's grids "
+            "(--format q4_0, q4_1, q5_0, q5_1, q8_0, q2_k ... q6_k), or symmetric INT4/5/8 with fp16 scales "
+            "per group of 32, 64, 128 ... (Q4_0/Q5_0/Q8_0)"
+        )
+    return QuantizedTensor(
+        codes=q.codes,
+        scale=q.scale.repeat_interleave(group // 32, dim=1),
+        zero=None,
+        global_scale=None,
+        spec=make_format(f"q{s.bits}_0"),
+        shape=q.shape,
+    )
 
 
 def _rows_permuted(q: QuantizedTensor, heads: int) -> QuantizedTensor:
-    """``q`` with llama.cpp's rotary row order: in each head, rows ``(i, hd/2 + i)`` become ``(2i, 2i+1)``."""
+    """``q`` with llama.cpp's rotary row order: in each head, rows ``(i, hd/2 + i)`` become ``(2i, 2i+1)``
+    (rows carry their own parameters, so the values are unchanged)."""
     rows = q.shape[0]
     order = torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
-    per_row = q.spec.granularity != "tensor"
-    return QuantizedTensor(
-        codes=q.codes[order],
-        scale=q.scale[order] if per_row else q.scale,
-        zero=None if q.zero is None else (q.zero[order] if per_row else q.zero),
-        global_scale=q.global_scale,
-        spec=q.spec,
-        shape=q.shape,
-        g_idx=q.g_idx,
-    )
+    if q.spec.granularity == "tensor":
+        return replace(q, codes=q.codes[order])
+    names = ("codes", "scale", "zero", "super_scale", "super_min")
+    return replace(q, **{n: getattr(q, n)[order] for n in names if getattr(q, n) is not None})
 
 
 def _permuted(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -118,8 +146,7 @@ def write_gguf(model: nn.Module, tokenizer_dir: str | Path, out_file: str | Path
                 t = p.detach().float()
                 if arch.permute_qk and module_name.endswith(("q_proj", "k_proj")):
                     t = _permuted(t, heads if module_name.endswith("q_proj") else kv_heads)
-                dtype = np.float32 if t.ndim <= 1 else _FLOAT_TYPES.get(p.dtype, np.float16)
-                writer.add_tensor(_gguf_name(names, module_name, leaf), t.numpy().astype(dtype))
+                _add_dense(writer, _gguf_name(names, module_name, leaf), t, p.dtype)
         if file_types:
             main = max(file_types, key=file_types.get)
             writer.add_file_type(_llama_file_type(main))
@@ -137,6 +164,46 @@ def write_gguf(model: nn.Module, tokenizer_dir: str | Path, out_file: str | Path
         raise
     log.info("wrote %s", out_file)
     return out_file
+
+
+def _add_dense(writer, name: str, t: torch.Tensor, dtype: torch.dtype) -> None:
+    """A float tensor in the checkpoint's own type (vectors such as norms in F32, as llama.cpp wants)."""
+    array = t.numpy()
+    if t.ndim <= 1 or dtype == torch.float32:
+        writer.add_tensor(name, array.astype(np.float32))
+    elif dtype == torch.bfloat16:
+        bf16 = gguf.GGMLQuantizationType.BF16
+        writer.add_tensor(name, gguf.quants.quantize(array.astype(np.float32), bf16), raw_dtype=bf16)
+    else:
+        writer.add_tensor(name, array.astype(np.float16))
+
+
+def check_model(model_type: str) -> None:
+    if model_type not in ARCHS:
+        raise ExportError(f"GGUF export supports {', '.join(sorted(ARCHS))} models, not {model_type!r}")
+
+
+def check_layer(layer: str, spec, step=None) -> None:
+    """Raise :class:`ExportError` if a GGUF export cannot hold this layer (before any work)."""
+    if step is not None and step.writes_group_index():
+        raise ExportError(f"{layer}: llama.cpp blocks are contiguous columns; use {step.name} with static_groups: true")
+    if spec.ggml_type is None:
+        q = QuantizedTensor(torch.zeros(1, 32, dtype=torch.uint8), torch.ones(1, 1), None, None, spec, (1, 32))
+        try:
+            _as_legacy_blocks(q)
+        except ExportError as exc:
+            raise ExportError(f"{layer}: {exc}") from None
+
+
+@register_layout
+class GGUFLayout(LowbitPackedLayout):
+    """``--save-format gguf``: the run writes lowbit's packed checkpoint (which lowbit reads back, e.g.
+    for ``lowbit eval``) and, from it, ``model.gguf`` beside it; every layer is checked up front."""
+
+    name = "gguf"
+
+    def check(self, layer, spec, module, step=None, q=None) -> None:
+        check_layer(layer, spec, step)
 
 
 def _gguf_name(names, module_name: str, leaf: str) -> str:

@@ -1,9 +1,10 @@
 """How a quantized layer is stored in a checkpoint: the tensors that replace its dense weight, and
 the ``quantization_config`` that tells a loader how to read them.
 
-A layout is chosen once per save (``--save-format``). ``fake`` keeps today's dense, fake-quantized
+A layout is chosen once per save (``--save-format``). ``fake`` keeps dense, fake-quantized
 weights; ``compressed-tensors`` is what vLLM and transformers read; ``lowbit`` holds every lowbit
-format losslessly (read back by :func:`lowbit.load`). ``auto`` takes compressed-tensors where it can
+format losslessly (read back by :func:`lowbit.load`); ``gguf`` is lowbit's layout plus a GGUF file
+for llama.cpp. ``auto`` takes compressed-tensors where it can
 hold every quantized layer's format, else lowbit's own layout. The streaming pipeline writes a
 block's tensors as soon as the block is quantized (the whole model's codes are never held), and the
 configuration once at the end.
@@ -76,7 +77,7 @@ def register_layout(cls: type[Layout]) -> type[Layout]:
 
 
 def make_layout(name: str) -> Layout:
-    from . import compressed_tensors, lowbit_packed  # noqa: F401  (importing registers them)
+    from . import compressed_tensors, gguf, lowbit_packed  # noqa: F401  (importing registers them)
 
     if name not in LAYOUTS:
         raise ExportError(f"unknown save format {name!r}; known: auto, {', '.join(sorted(LAYOUTS))}")

@@ -6,8 +6,10 @@ Per quantized linear (beside the model's other tensors, which stay dense):
   stream (:func:`lowbit.formats.pack`);
 - ``weight_scale`` ``[out, groups]`` (``[1, 1]`` per tensor) in the dtype the format rounds scales to:
   float32/float16/bfloat16, float8_e4m3fn (NVFP4), or uint8 biased exponents (E8M0, the MX formats);
-- ``weight_zero`` (asymmetric formats) ``[out, groups]`` in the format's zero dtype (float32 for
-  integer zero-points);
+- ``weight_zero`` (asymmetric formats) ``[out, groups]``: zero-points, or mins (``zero_style="min"``),
+  in the format's float zero dtype, else float32 (integers: exact);
+- ``weight_super_scale`` / ``weight_super_min`` float16 ``[out, super_blocks]`` (llama.cpp's K-quants,
+  whose ``weight_scale`` and ``weight_zero`` are then small integers, stored as float32);
 - ``weight_global_scale`` float32 ``[1]`` (NVFP4's second-level scale);
 - ``weight_g_idx`` int32 ``[in]`` when columns are grouped out of order (GPTQ act-order);
 - ``weight_shape`` int64 ``[out, in]``.
@@ -36,7 +38,7 @@ def _scale_to_storage(scale: torch.Tensor, spec: FormatSpec) -> torch.Tensor:
         return (torch.log2(scale).round() + 127).to(torch.uint8)
     if spec.scale_dtype == "e4m3":
         return scale.to(torch.float8_e4m3fn)
-    return scale.to(_FLOAT[spec.scale_dtype])
+    return scale.to(_FLOAT.get(spec.scale_dtype, torch.float32))  # integer scales (K-quants): exact in float32
 
 
 def _scale_from_storage(stored: torch.Tensor, spec: FormatSpec) -> torch.Tensor:
@@ -59,7 +61,10 @@ class LowbitPackedLayout(Layout):
             "weight_shape": torch.tensor(list(q.shape), dtype=torch.int64),
         }
         if q.zero is not None:
-            out["weight_zero"] = q.zero.to(torch.float32 if spec.zero_dtype == "int" else _FLOAT[spec.zero_dtype])
+            out["weight_zero"] = q.zero.to(_FLOAT.get(spec.zero_dtype, torch.float32))
+        for name in ("super_scale", "super_min"):
+            if getattr(q, name) is not None:
+                out[f"weight_{name}"] = getattr(q, name).to(torch.float16)
         if q.global_scale is not None:
             out["weight_global_scale"] = q.global_scale.float().reshape(1)
         if q.g_idx is not None:
@@ -76,6 +81,7 @@ class LowbitPackedLayout(Layout):
             )
         zero, g_idx = leaves.get("weight_zero"), leaves.get("weight_g_idx")
         global_scale = leaves.get("weight_global_scale")
+        super_scale, super_min = leaves.get("weight_super_scale"), leaves.get("weight_super_min")
         return QuantizedTensor(
             codes=unpack(packed, spec.bits, cols),
             scale=_scale_from_storage(leaves["weight_scale"], spec),
@@ -84,6 +90,8 @@ class LowbitPackedLayout(Layout):
             spec=spec,
             shape=shape,
             g_idx=None if g_idx is None else g_idx.to(torch.int32),
+            super_scale=None if super_scale is None else super_scale.float(),
+            super_min=None if super_min is None else super_min.float(),
         )
 
     def quantization_config(self, layers: Mapping[str, FormatSpec], unquantized: list[str]) -> dict[str, Any]:

@@ -141,6 +141,10 @@ def quantize_directory(
     targeted = check_plan(adapter, recipe.steps, options.allow_nonfinite)
     mark_followers(recipe.steps, list(targeted))
     rounding = rounding_steps(recipe.steps, list(targeted))
+    if save_format == "gguf":
+        from ..export.gguf import check_model
+
+        check_model(lazy.model.config.model_type)
     layout = choose_layout(save_format, {n: (s.config.spec, targeted[n], s) for n, s in rounding.items()})
     tokens = calibration.tokens() if calibration is not None else 0
     held_tokens = held_back.tokens() if held_back is not None else 0
@@ -193,6 +197,9 @@ def quantize_directory(
     with timings.phase(WRITE):
         _finish_directory(Path(model_dir), work, writer, tokenizer)
         run_dir.cleanup()
+    quantized = {name: rounding[name].config.spec for name in result.state.results}
+    unquantized = [name for name in all_linears(adapter) if name not in quantized]
+    qconfig = layout.quantization_config(quantized, unquantized)
     report = build_report(
         lazy.model,
         result.state,
@@ -207,11 +214,10 @@ def quantize_directory(
         sanity=result.sanity.to_dict() if result.sanity is not None else None,
         peak_rss_bytes=_peak_rss(),
     )
-    quantized = {name: rounding[name].config.spec for name in result.state.results}
-    unquantized = [name for name in all_linears(adapter) if name not in quantized]
-    _write_metadata(
-        Path(model_dir), work, recipe, report, save_dtype, layout.quantization_config(quantized, unquantized)
-    )
+    _write_metadata(Path(model_dir), work, recipe, report, save_dtype, qconfig)
+    if layout.name == "gguf":
+        with timings.phase(WRITE):
+            _write_gguf(work, save_dtype)
     _publish(work, out, overwrite)
     return DirectoryRun(out, report, result.sanity, plan, resumed_from_block=resume.next_block if resume else 0)
 
@@ -253,6 +259,15 @@ def _write_metadata(
     (work / "lowbit_recipe.yaml").write_text(recipe.to_yaml())
     meta = {"lowbit_version": __version__, "source_model": str(source), **report.to_dict()}
     (work / "lowbit_report.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _write_gguf(work: Path, save_dtype: torch.dtype) -> None:
+    """``model.gguf`` from the finished packed checkpoint (read back as any lowbit checkpoint)."""
+    from ..export.gguf import write_gguf
+    from ..runtime import load
+
+    loaded = load(work, dtype=save_dtype, native_kernels=False)
+    write_gguf(loaded.model, work, work / "model.gguf")
 
 
 def _publish(work: Path, out: Path, overwrite: bool) -> None:

@@ -2,17 +2,18 @@
 
 Storage, by format (one copy of the weight, never a dequantized one kept):
 
-- 4-bit integers in groups of 32-256 (or per channel), output rows a multiple of 32: torch's CPU
-  int4 layout (``_convert_weight_to_int4pack_for_cpu``), two codes per byte, with scales and zeros
-  folded into the ``(q - 8) * s + m`` form its kernel uses (``m = (8 - z) * s``, so fractional HQQ
-  zero-points work too). Kernel: ``_weight_int4pack_mm_for_cpu``.
+- 4-bit integers in groups of 32-256 (or per channel), output rows a multiple of 32 (INT4, llama.cpp's
+  Q4_0, Q4_1 and Q4_K): torch's CPU int4 layout (``_convert_weight_to_int4pack_for_cpu``), two codes
+  per byte, with scales and zeros folded into the ``(q - 8) * s + m`` form its kernel uses
+  (fractional HQQ zero-points and K-quant mins too). Kernel: ``_weight_int4pack_mm_for_cpu``.
 - 8-bit symmetric integers per output channel: int8 codes and one scale per row. Kernel:
   ``_weight_int8pack_mm``.
 - everything else: lowbit's packed codes and parameters; kernel: dequantize, then ``F.linear``.
 
 The weight-only kernels run in bfloat16 (their fast path on CPUs; in float32 torch's int4 kernel is
-10-30x slower): inputs are cast to bfloat16 and the outputs back. Scales and zeros are kept in
-float32, so dequantizing gives lowbit's values exactly.
+10-30x slower): inputs are cast to bfloat16 and the outputs back, scales and zeros are kept for them
+in bfloat16 too. The format's own parameters stay beside them, so dequantizing gives lowbit's
+values exactly.
 
 Every layer can also dequantize into a temporary dense weight and call ``F.linear`` in the model's
 dtype: for a large batch that beats the weight-only kernels, whose cost grows with the batch while
@@ -93,8 +94,26 @@ def _int4_layout_matches_torch() -> bool:
         return False
 
 
+_PARAMS = ("scale", "zero", "global_scale", "super_scale", "super_min", "g_idx")
+
+
+def _compact(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A parameter tensor in float16 where that holds it exactly (fp16 scales, integer zero-points and
+    sub-block scales), else as it is: the same values in less memory."""
+    if t is None or not t.is_floating_point():
+        return t
+    half = t.to(torch.float16)
+    return half if torch.equal(half.float(), t.float()) else t
+
+
 class PackedLinear(nn.Module):
-    """``y = x W^T + b`` with ``W`` kept quantized; see the module docstring for the kernels."""
+    """``y = x W^T + b`` with ``W`` kept quantized; see the module docstring for the kernels.
+
+    The codes are held once (in the int4 kernel's layout, as int8, or packed by lowbit); the
+    parameters as the format stores them (float16 where exact), so :meth:`quantized` gives back
+    exactly the codes and parameters the layer was built from, and :meth:`dense_weight` lowbit's
+    dequantized values.
+    """
 
     def __init__(self, q: QuantizedTensor, bias: torch.Tensor | None, dtype: torch.dtype, native: bool = True):
         """``native=False``: always dequantize and compute in ``dtype`` (exact, e.g. for evaluation)."""
@@ -104,26 +123,31 @@ class PackedLinear(nn.Module):
         self.spec: FormatSpec = q.spec
         self.dtype = dtype
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        for name in _PARAMS:
+            self.register_buffer(name, _compact(getattr(q, name)))
         if _int4_eligible(q) and _int4_layout_matches_torch():
             self.kernel = "int4"
             self.register_buffer("packed", int4_layout(q.codes))
             self.group = self.spec.group_size if self.spec.granularity == "group" else self.in_features
-            scale = q.scale.float()
-            zero = q.zero.float() if q.zero is not None else torch.full_like(scale, 8.0)
-            # [groups, out, 2]: (q - 8) * s + (8 - z) * s = (q - z) * s
-            sz = torch.stack([scale, (8 - zero) * scale], -1).transpose(0, 1).contiguous()
-            self.register_buffer("scales_and_zeros", sz)
+            # torch's kernel computes (q - 8) * s + m per group: s the effective scale, m = (8 - z) * s for a
+            # zero-point z, 8 * s - m for a stored min m (fractional zeros and K-quant mins work alike)
+            p = q.params()
+            scale = p.effective_scale()[..., 0].expand(self.out_features, -1)
+            zero = p.effective_zero()
+            if zero is None:
+                offset = torch.zeros_like(scale)
+            elif self.spec.zero_style == "min":
+                offset = 8 * scale - zero[..., 0]
+            else:
+                offset = (8 - zero[..., 0]) * scale
+            sz = torch.stack([scale, offset], -1).transpose(0, 1).to(NATIVE_DTYPE).contiguous()
+            self.register_buffer("scales_and_zeros", sz)  # [groups, out, 2], the kernel's dtype
         elif _int8_eligible(q):
             self.kernel = "int8"
             self.register_buffer("weight_int8", (q.codes.to(torch.int16) - 128).to(torch.int8))
-            self.register_buffer("row_scale", q.scale.reshape(-1).float())
         else:
             self.kernel = "dequantize"
             self.register_buffer("codes", pack(q.codes, q.spec.bits, torch.uint8))
-            self.register_buffer("scale", q.scale.float())
-            self.register_buffer("zero", None if q.zero is None else q.zero.float())
-            self.register_buffer("global_scale", None if q.global_scale is None else q.global_scale.float())
-            self.register_buffer("g_idx", None if q.g_idx is None else q.g_idx.to(torch.int32))
 
     @classmethod
     def from_quantized(
@@ -132,37 +156,25 @@ class PackedLinear(nn.Module):
         return cls(q, bias, dtype, native)
 
     # ------------------------------------------------------------------ weights
-    def quantized(self) -> QuantizedTensor:
-        """The layer's codes and parameters (for export, or to check them)."""
-        shape = (self.out_features, self.in_features)
+    def _codes(self) -> torch.Tensor:
         if self.kernel == "int4":
-            sz = self.scales_and_zeros.float().transpose(0, 1)  # [out, groups, 2]
-            scale = sz[..., 0]
-            zero = 8 - sz[..., 1] / torch.where(scale == 0, torch.ones_like(scale), scale)
-            codes = int4_codes(self.packed, self.in_features)
-            return QuantizedTensor(codes, scale, zero if self.spec.has_zero_point else None, None, self.spec, shape)
+            return int4_codes(self.packed, self.in_features)
         if self.kernel == "int8":
-            codes = (self.weight_int8.to(torch.int16) + 128).to(torch.uint8)
-            return QuantizedTensor(codes, self.row_scale.float()[:, None], None, None, self.spec, shape)
+            return (self.weight_int8.to(torch.int16) + 128).to(torch.uint8)
+        return unpack(self.codes, self.spec.bits, self.in_features)
+
+    def quantized(self) -> QuantizedTensor:
+        """The layer's codes and parameters, exactly as it was built from them."""
+        params = {name: getattr(self, name) for name in _PARAMS}
+        params = {
+            n: (t.to(torch.int32) if n == "g_idx" else t.float()) if t is not None else None for n, t in params.items()
+        }
         return QuantizedTensor(
-            unpack(self.codes, self.spec.bits, self.in_features),
-            self.scale,
-            self.zero,
-            self.global_scale,
-            self.spec,
-            shape,
-            self.g_idx,
+            codes=self._codes(), spec=self.spec, shape=(self.out_features, self.in_features), **params
         )
 
     def dense_weight(self) -> torch.Tensor:
         """The dequantized weight ``[out, in]`` in the compute dtype (a temporary)."""
-        if self.kernel == "int4":
-            sz = self.scales_and_zeros.transpose(0, 1)  # [out, groups, 2]
-            w = int4_codes(self.packed, self.in_features).view(self.out_features, -1, self.group).float()
-            w = w.sub_(8).mul_(sz[..., :1]).add_(sz[..., 1:])
-            return w.reshape(self.out_features, self.in_features).to(self.dtype)
-        if self.kernel == "int8":
-            return (self.weight_int8.float() * self.row_scale[:, None]).to(self.dtype)
         return Quantizer(self.spec).dequantize(self.quantized()).to(self.dtype)
 
     @property
@@ -189,9 +201,8 @@ class PackedLinear(nn.Module):
         """The weight-only kernel on ``[rows, in]`` inputs (no bias), computed in :data:`NATIVE_DTYPE`."""
         x2d = x2d.to(NATIVE_DTYPE)
         if self.kernel == "int4":
-            sz = self.scales_and_zeros.to(NATIVE_DTYPE)
-            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, self.group, sz)
-        return torch.ops.aten._weight_int8pack_mm(x2d, self.weight_int8, self.row_scale.to(NATIVE_DTYPE))
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, self.group, self.scales_and_zeros)
+        return torch.ops.aten._weight_int8pack_mm(x2d, self.weight_int8, self.scale.reshape(-1).to(NATIVE_DTYPE))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.spec.label()}, kernel={self.kernel}"
