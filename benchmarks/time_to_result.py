@@ -102,7 +102,7 @@ def main() -> None:
             times[name].append((wall, cpu))
             print(f"round {r + 1}: {name}: wall {wall:.1f}s CPU {cpu:.1f}s", flush=True)
     rows = []
-    for name, (cmd, _, out) in jobs.items():
+    for name, (_cmd, _, out) in jobs.items():
         walls, cpus = [t[0] for t in times[name]], [t[1] for t in times[name]]
         row = {
             "command": name,
