@@ -55,7 +55,11 @@ def llmcompressor_quantize(model, calib, bits: int, group: int, method: str, tok
     )
     if method == "GPTQ":
         recipe = GPTQModifier(
-            config_groups={"group_0": scheme}, ignore=["lm_head"], block_size=128, dampening_frac=0.01, actorder="static"
+            config_groups={"group_0": scheme},
+            ignore=["lm_head"],
+            block_size=128,
+            dampening_frac=0.01,
+            actorder="static",
         )
     elif method == "AWQ":
         recipe = [
@@ -133,7 +137,9 @@ def main() -> None:
     def run_lowbit(steps):
         model = copy.deepcopy(lm.model)
         start = time.perf_counter()
-        lowbit.quantize(model, steps, calibration=calib if any(s.needs_calibration for s in steps) else None, progress=False)
+        lowbit.quantize(
+            model, steps, calibration=calib if any(s.needs_calibration for s in steps) else None, progress=False
+        )
         return model, time.perf_counter() - start
 
     def run_peer(method, bits, group):

@@ -24,7 +24,9 @@ from pathlib import Path
 
 from common import markdown_table, write_result
 
-QUANTIZE = "lowbit quantize reference-lm --bits 4 --group-size 128 --asymmetric --overwrite --method {method} --out {out}"
+QUANTIZE = (
+    "lowbit quantize reference-lm --bits 4 --group-size 128 --asymmetric --overwrite --method {method} --out {out}"
+)
 README_JOB = (
     "lowbit quantize reference-lm --method gptq --bits 4 --group-size 128 --asymmetric --out {out} --overwrite "
     "&& lowbit eval {out} --reference reference-lm"
@@ -64,7 +66,10 @@ def run(command: str, env: dict | None = None) -> tuple[float, float, int]:
 
 def kl_of(out: Path) -> dict:
     res = subprocess.run(
-        ["lowbit", "eval", str(out), "--reference", "reference-lm", "--json"], capture_output=True, text=True, check=True
+        ["lowbit", "eval", str(out), "--reference", "reference-lm", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     d = json.loads(res.stdout)
     return {"ppl": d["ppl"], "KL": d["kl"], "top-1 agree": d["top1_agreement"]}
