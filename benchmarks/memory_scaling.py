@@ -71,7 +71,10 @@ def main() -> None:
     model_dir = Path(args.model)
     size = checkpoint_bytes(model_dir)
     step = (GPTQ if args.method == "gptq" else RTN)(format="int4", group_size=128, symmetric=False)
-    options = PipelineOptions(progress=True, sanity_samples=2, batch_size=args.batch_size)
+    # streaming as the CLI runs it (glibc's allocator tuned, as the CLI does for checkpoints of 1 GiB and more)
+    options = PipelineOptions(
+        progress=True, sanity_samples=2, batch_size=args.batch_size, tune_allocator=args.mode == "streaming"
+    )
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(out.parent / f".{out.name}.partial", ignore_errors=True)
@@ -103,6 +106,7 @@ def main() -> None:
         "seconds_per_block": seconds / max(1, blocks),
         "blocks": blocks,
         "layers_quantized": len(report.layers),
+        **tmpdir_backup(model_dir, args.method),
         "command": command(),
         "revision": git_revision(),
         "machine": machine(),
@@ -112,6 +116,17 @@ def main() -> None:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row, indent=2))
     shutil.rmtree(out, ignore_errors=True)
+
+
+def tmpdir_backup(model_dir: Path, method: str) -> dict:
+    """The packed Hessian GPTQ writes to TMPDIR for damping retries (its largest), and whether TMPDIR is in memory
+    (a tmpfs): then that file is memory too, which ru_maxrss does not count."""
+    from lowbit.algorithms.hessian import hessian_nbytes, packs, temp_files_in_memory
+
+    config = json.loads((model_dir / "config.json").read_text())
+    widest = max(config["hidden_size"], config["intermediate_size"])
+    backup = hessian_nbytes(widest, "cpu") if method == "gptq" and packs(widest, "cpu") else 0
+    return {"tmpdir_backup_gib": backup / 2**30, "tmpdir_in_memory": temp_files_in_memory()}
 
 
 def partial_run(args) -> None:
@@ -168,6 +183,7 @@ def partial_run(args) -> None:
         "blocks": json.loads((model_dir / "config.json").read_text())["num_hidden_layers"],
         "command": command(),
         "child_command": " ".join(cmd[1:]),
+        **tmpdir_backup(model_dir, args.method),
         "revision": git_revision(),
         "machine": machine(),
     }
@@ -197,6 +213,12 @@ def render() -> None:
                 "checkpoint GiB": row["checkpoint_gib"],
                 "peak RSS GiB": row["peak_rss_gib"],
                 "peak / checkpoint": row["peak_over_checkpoint"],
+                # the packed Hessian's retry backup in TMPDIR: memory as well when TMPDIR is a tmpfs
+                "TMPDIR file GiB": (
+                    f"{row['tmpdir_backup_gib']:.3f} ({'tmpfs: add to the peak' if row['tmpdir_in_memory'] else 'disk'})"
+                    if "tmpdir_backup_gib" in row
+                    else "-"
+                ),
                 "s per block": row["seconds_per_block"],
                 "total s": row["seconds"],
                 # rows from before revisions were recorded ran the code before packed Hessians

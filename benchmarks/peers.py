@@ -62,6 +62,12 @@ def llmcompressor_quantize(model, calib, bits: int, group: int, method: str, tok
             actorder="static",
         )
     elif method == "AWQ":
+        if not torch.accelerator.is_available():
+            # llm-compressor 0.14's AWQ pins cached activations for faster host-to-device copies, which fails on a
+            # machine without an accelerator; pinning changes no value, so on the CPU it is skipped
+            from llmcompressor.pipelines.cache import IntermediatesCache
+
+            IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
         recipe = [
             AWQModifier(duo_scaling=True, n_grid=20),
             QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"]),

@@ -191,6 +191,17 @@ def test_interrupting_a_run_leaves_no_output_dir(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [".q.partial"]
 
 
+def test_verbose_logging_prints_each_line_once(tiny_lm_dir, tmp_path):
+    """-vv shows lowbit's debug and info lines, each once (no second handler on the way up)."""
+    cmd = [sys.executable, "-m", "lowbit", "-vv", "quantize", str(tiny_lm_dir), "--method", "rtn"]
+    cmd += ["--group-size", "32", "--n-samples", "4", "--seq-len", "16", "--out", str(tmp_path / "q")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "400"})
+    assert res.returncode == 0, res.stderr
+    for block in (0, 1):  # logged once per block, at INFO
+        assert sum(f"model.layers.{block} done in" in line for line in res.stderr.splitlines()) == 1, res.stderr
+    assert sum(" DEBUG " in line for line in res.stderr.splitlines()) > 0  # -vv reaches lowbit's debug lines
+
+
 class _InterruptedImport:
     """A meta path finder that raises KeyboardInterrupt when ``name`` is imported: Ctrl-C while the
     heavy imports (torch, transformers) of a command are still running."""
