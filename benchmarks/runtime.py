@@ -29,6 +29,8 @@ from common import markdown_table, write_result
 CHILD = r"""
 import json, resource, sys, time, torch
 path, mode, runtime, new_tokens, prefill_batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+from lowbit.pipeline.memory import return_freed_memory_promptly
+return_freed_memory_promptly()  # as `lowbit generate` does; for both runtimes, so the comparison stays even
 if runtime == "transformers":
     import transformers
     config = transformers.AutoConfig.from_pretrained(path)
@@ -117,7 +119,8 @@ def main() -> None:
     body = (
         f"Model: `{args.model}`. Generate: 16-token prompt, {args.new_tokens} new tokens, greedy, batch 1 (decode "
         f"tokens/s after the first new token). Prefill: one forward of {args.prefill_batch} x 512 tokens. Each "
-        f"checkpoint in its own process, {args.repeats} rounds alternating; median [min, max].\n\n"
+        f"checkpoint in its own process, {args.repeats} rounds alternating; median [min, max]. Every process fixes "
+        "glibc's mmap threshold first, as `lowbit generate` does (transformers' runs too).\n\n"
         + markdown_table(
             rows, [c for c in columns if any(c in r for r in rows)], {"size GiB": ".3f", "size / original": ".3f"}
         )

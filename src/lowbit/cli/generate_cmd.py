@@ -33,9 +33,14 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
 
+    from ..pipeline.memory import return_freed_memory_promptly
     from ..pipeline.progress import peak_rss_bytes
     from ..runtime import load
 
+    # a process-wide setting, so the command's and not the library's: unpacking each layer's codes on
+    # load leaves freed buffers in glibc's heap, which otherwise stay resident (1.1B INT4: peak 2.43 GiB
+    # against 1.34 GiB with large buffers in their own mappings)
+    return_freed_memory_promptly()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     loaded = load(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=device)
     if loaded.kind != "causal-lm":
