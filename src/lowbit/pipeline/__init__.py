@@ -1,9 +1,11 @@
 """Sequential block-by-block execution of a recipe, in memory or streamed from disk."""
 
+from .capture import capture_first_block_inputs
+from .options import PipelineOptions
 from .plan import NonFiniteError, Plan, PlanError, check_plan, estimate
 from .resume import ResumeMismatch, RunDirectory
 from .sanity import SanityCheckFailed, SanityReport, SanityThresholds
-from .sequential import PipelineOptions, PipelineResult, capture_first_block_inputs, run_pipeline
+from .sequential import PipelineResult, run_pipeline
 from .store import InMemoryStore, StreamingStore
 from .unit import BlockInputs, LayerResult, QuantState, Unit
 

@@ -26,14 +26,15 @@ from ..export.atomic import OutputExistsError, check_output_dir
 from ..export.layouts import choose_layout
 from ..export.shards import INDEX, ShardWriter
 from ..models import ModelAdapter
-from ..models.lazy import LazyModel
+from ..models.lazy import LazyModel, arithmetic_dtype
 from ..recipe import Recipe
 from ..report import QuantizationReport, build_report, weight_files_bytes
 from .memory import return_freed_memory_promptly, trim
+from .options import PipelineOptions
 from .plan import Plan, all_linears, check_plan, estimate, mark_followers, rounding_steps
 from .resume import RunDirectory
 from .sanity import SanityCheckFailed, SanityReport
-from .sequential import PipelineOptions, run_pipeline
+from .sequential import run_pipeline
 from .store import StreamingStore
 from .timing import LOAD, WRITE, PhaseTimes
 
@@ -82,7 +83,9 @@ def fingerprint(
                     "propagate": options.propagate,
                     "batch_size": options.batch_size,
                     "dtype": str(save_dtype),
-                    "compute_dtype": str(lazy.dtype),
+                    "compute_dtype": str(
+                        options.compute_dtype or arithmetic_dtype(lazy.dtype, options.resolved_device())
+                    ),
                     "save_format": layout,
                 }
             )
@@ -155,7 +158,8 @@ def quantize_directory(
         save_dtype,
         tokens,
         streaming=True,
-        compute_dtype=lazy.dtype,
+        compute_dtype=options.compute_dtype or arithmetic_dtype(lazy.dtype, options.resolved_device()),
+        activation_dtype=lazy.dtype,
         out_dir=out,
         held_back_tokens=held_tokens,
         generate_tokens=options.sanity_generate if held_back is not None else 0,

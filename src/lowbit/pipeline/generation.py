@@ -17,7 +17,9 @@ from torch import nn
 
 from ..calibration import CalibrationData
 from ..models import ModelAdapter
-from .tensors import first_tensor, to_device
+from ..models.lazy import arithmetic_dtype
+from .capture import capture_first_block_inputs
+from .tensors import computing_in, first_tensor, to_device
 
 
 @dataclass
@@ -47,8 +49,6 @@ def greedy_continuation(
     """Greedy continuation of ``prompt`` (``[tokens]``); returns the new token ids and whether any
     logits were NaN/Inf. Modules before the first block and ``head`` must be usable, unless
     ``outside`` loads them in turn (and releases them again) around each pass."""
-    from .sequential import capture_first_block_inputs
-
     device = options.resolved_device()
     ids = prompt.reshape(1, -1).to(torch.long)
     generated: list[int] = []
@@ -65,7 +65,12 @@ def greedy_continuation(
             block = adapter.blocks[index]
             home = next(block.parameters()).device
             block.to(device)
-            h = first_tensor(block(h, *to_device(args, device), **to_device(kwargs, device)))
+            dtype = options.compute_dtype or arithmetic_dtype(h.dtype, device)
+            with computing_in([block], dtype):
+                out = first_tensor(
+                    block(h.to(dtype), *to_device(args, device, dtype), **to_device(kwargs, device, dtype))
+                )
+            h = out.to(inputs.hidden[0].dtype)
             block.to(home)
             release_block(index)
         if outside is not None:
@@ -80,6 +85,47 @@ def greedy_continuation(
         generated.append(token)
         ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
     return generated, nonfinite
+
+
+def prompt_of(held_back: CalibrationData) -> torch.Tensor:
+    """The sanity check's prompt: the start of the first held-back sample."""
+    return held_back.input_ids[0, : min(16, held_back.seq_len)]
+
+
+def logits_of(norm: nn.Module | None, head: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda h: head(norm(h) if norm is not None else h)
+
+
+def generate_with_store(
+    model, adapter: ModelAdapter, held_back: CalibrationData, options, store, output: bool, swap_outside=True
+):
+    """Greedy continuation of :func:`prompt_of` ``held_back``, blocks loaded in turn from ``store``
+    (the finished ones from the output when ``output``); with ``swap_outside``, the embeddings
+    and the head too (a no-op for a model in memory)."""
+    _, norm = adapter.final_norm()
+    _, head = adapter.lm_head()
+    head_device = next(head.parameters()).device
+    outside = None
+    if swap_outside:
+        outside = OutsideLoader(
+            load_embeddings=lambda: store.load_outside(adapter),
+            load_head=lambda: store.load_head(adapter),
+            release=lambda: store.release_outside(adapter),
+        )
+        if head_device.type == "meta":  # released now; the store loads weights onto the CPU
+            head_device = torch.device("cpu")
+    return greedy_continuation(
+        model,
+        adapter,
+        prompt_of(held_back),
+        options.sanity_generate,
+        options,
+        logits_of(norm, head),
+        load_block=lambda i: (store.load_output_block if output else store.load_block)(adapter, i),
+        release_block=lambda i: store.release_block(adapter, i),
+        head_device=head_device,
+        outside=outside,
+    )
 
 
 def repeats_one_token(tokens: list[int]) -> bool:

@@ -212,13 +212,16 @@ def estimate(
     generate_tokens: int = 0,
     compute_dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    activation_dtype: torch.dtype | None = None,
 ) -> Plan:
     """``generate_tokens``: the sanity check's greedy generation, one pass over the weights of the
-    original and one of the quantized model per token. ``compute_dtype``: what blocks and
-    activations are held and computed in (default: ``storage_dtype``)."""
+    original and one of the quantized model per token. ``compute_dtype``: what blocks compute
+    in (default: ``storage_dtype``); ``activation_dtype``: what calibration activations are kept in
+    between blocks (default: ``compute_dtype``)."""
     compute_dtype = compute_dtype or storage_dtype
     elem = torch.empty((), dtype=storage_dtype).element_size()
     compute_elem = torch.empty((), dtype=compute_dtype).element_size()
+    act_elem = torch.empty((), dtype=activation_dtype or compute_dtype).element_size()
     layers = []
     for name, step in rounding_steps(steps, targeted).items():
         mod = targeted[name]
@@ -236,7 +239,7 @@ def estimate(
     block_bytes = block_params * compute_elem
     hidden = getattr(adapter.model.config, "hidden_size", 0) or 0
     needs_data = any(s.needs_calibration for s in steps)
-    act = 2 * (calibration_tokens + 2 * held_back_tokens) * hidden * compute_elem if needs_data else 0
+    act = 2 * (calibration_tokens + 2 * held_back_tokens) * hidden * act_elem if needs_data else 0
     # Each step states its own cost (its working memory, block passes and arithmetic).
     shapes = {name: (out_features(mod), in_features(mod)) for name, mod in targeted.items()}
     device = str(device or "cpu")

@@ -13,13 +13,18 @@ fails the check.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from .generation import repeats_one_token
+from ..models.lazy import arithmetic_dtype
+from .generation import generate_with_store, logits_of, prompt_of, repeats_one_token
 from .unit import BlockInputs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -162,6 +167,51 @@ class SanityTracker:
         elif rep.kl > thresholds.max_kl:
             rep.passed, rep.reason = False, f"KL divergence above {thresholds.max_kl}"
         return rep
+
+
+def final_report(
+    model, adapter, sanity: SanityTracker, held_back, options, store, generate: bool, keep_head: bool
+) -> SanityReport:
+    """Compare the quantized model with the original on the held-back samples, and continue the
+    prompt greedily with the quantized model (``keep_head``: a quantized head exists only in memory)."""
+    generated, nonfinite = None, False
+    if generate and sanity.generated_reference is not None:
+        # A quantized head stays in memory, and the embeddings join it.
+        if keep_head:
+            store.load_outside(adapter)
+        else:
+            store.release_outside(adapter)
+        generated, nonfinite = generate_with_store(
+            model, adapter, held_back, options, store, output=True, swap_outside=not keep_head
+        )
+        log.info("quantized model's greedy continuation: %s", generated)
+        store.load_head(adapter)
+    prompt = prompt_of(held_back).tolist() if generated is not None else None
+    _, norm = adapter.final_norm()
+    _, head = adapter.lm_head()
+    head_fn = logits_of(norm, head)
+    weight = getattr(head, "weight", None)
+    if isinstance(head, nn.Linear) and weight is not None and weight.device.type != "meta":
+        dtype = options.compute_dtype or arithmetic_dtype(weight.dtype, weight.device)
+        if dtype != weight.dtype:
+            head_fn = _upcast_head(norm, head, dtype)
+    return sanity.report(head_fn, options.sanity, generated, nonfinite, prompt)
+
+
+def _upcast_head(norm: nn.Module | None, head: nn.Linear, dtype: torch.dtype, rows: int = 8192):
+    """The head's logits computed in ``dtype`` a slice of the vocabulary at a time: no ``dtype``
+    copy of a large head (a 128k vocabulary is 2 GiB in float32 at hidden 4096)."""
+
+    def logits(h: torch.Tensor) -> torch.Tensor:
+        x = (norm(h) if norm is not None else h).to(dtype)
+        w, b = head.weight, head.bias
+        parts = [
+            F.linear(x, w[i : i + rows].to(dtype), None if b is None else b[i : i + rows].to(dtype))
+            for i in range(0, w.shape[0], rows)
+        ]
+        return torch.cat(parts, -1)
+
+    return logits
 
 
 def _top_share(preds: list[torch.Tensor]) -> float:

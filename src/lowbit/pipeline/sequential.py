@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 from torch import nn
@@ -21,124 +20,22 @@ from torch import nn
 from ..algorithms.base import Step
 from ..calibration import CalibrationData, CalibrationError
 from ..models import ModelAdapter
+from ..models.lazy import arithmetic_dtype
 from ..models.loading import model_kind
-from .generation import OutsideLoader, greedy_continuation
+from .capture import capture_first_block_inputs
+from .generation import generate_with_store, logits_of
 from .memory import return_freed_memory_promptly, trim
+from .options import PipelineOptions
 from .plan import NonFiniteError, check_finite_weights, check_plan, mark_followers
 from .progress import ProgressReporter
 from .resume import RunDirectory
-from .sanity import SanityReport, SanityThresholds, SanityTracker
+from .sanity import SanityReport, SanityTracker, final_report
 from .store import InMemoryStore
-from .tensors import first_tensor, to_device
+from .tensors import computing_in, first_tensor
 from .timing import CAPTURE, LOAD, SANITY, WRITE, PhaseTimes
-from .unit import BlockInputs, QuantState, StopForward, Unit
+from .unit import QuantState, StopForward, Unit
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PipelineOptions:
-    """How the pipeline runs.
-
-    Attributes:
-        device: where each block is processed (default: CUDA when available, else CPU).
-        batch_size: calibration sequences per forward pass.
-        propagate: feed the next block the ``quantized`` block's outputs (GPTQ's order) or the
-            full-precision (``fp``) ones.
-        keep_codes: keep the integer codes and scales of every layer in ``result.quantized`` (for
-            export); off by default, because one uint8 code per weight is half the size of a
-            bf16 model.
-        allow_nonfinite: replace NaN/Inf weights by 0 (with a warning) instead of refusing.
-        progress: show progress bars.
-        sanity_samples: calibration samples held back to compare the quantized model with the
-            original before saving (causal LMs; 0 turns the check off).
-        sanity: thresholds of that check.
-        sanity_generate: new tokens of the check's greedy generation (0: none). Each costs one
-            pass over the weights of both models (read again from disk in streaming runs).
-        moe_route_all: during calibration, run every token through every expert of MoE blocks
-            (their outputs still combine only the routed experts), so that every expert gets
-            statistics.
-        tune_allocator: in streaming runs, make glibc return freed memory to the system at once
-            (:mod:`.memory`). It changes the process's allocator for good (glibc cannot restore
-            its adaptive default), so it is off in the library; the CLI turns it on for
-            checkpoints of 1 GiB and more, where it lowers the peak (1.1B GPTQ: 1.7 to 0.7 GiB).
-            On small models it only costs time: reference-lm GPTQ 19 s without, 27 s with.
-    """
-
-    device: str | None = None
-    batch_size: int = 8
-    propagate: Literal["quantized", "fp"] = "quantized"
-    keep_codes: bool = False
-    allow_nonfinite: bool = False
-    progress: bool = True
-    sanity_samples: int = 4
-    sanity: SanityThresholds = field(default_factory=SanityThresholds)
-    sanity_generate: int = 8
-    moe_route_all: bool = False
-    tune_allocator: bool = False
-
-    def resolved_device(self) -> torch.device:
-        if self.device:
-            return torch.device(self.device)
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-class _CaptureDone(Exception):
-    pass
-
-
-@torch.no_grad()
-def capture_first_block_inputs(
-    model: nn.Module, adapter: ModelAdapter, calibration: CalibrationData, options: PipelineOptions
-) -> BlockInputs:
-    """Run the model up to the first block for every calibration batch; keep that block's inputs."""
-    device = options.resolved_device()
-    first = adapter.blocks[0]
-    hidden, args, kwargs = [], [], []
-
-    def hook(_mod, a, kw):
-        kw = dict(kw)
-        h = a[0] if a else kw.pop("hidden_states")
-        hidden.append(h.detach().to("cpu"))
-        args.append(to_device(tuple(a[1:]), "cpu"))
-        kw.pop("past_key_values", None)
-        kw.pop("past_key_value", None)
-        kwargs.append(to_device(kw, "cpu"))
-        raise _CaptureDone
-
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
-    moved = _move_outside_blocks(model, adapter, device)
-    try:
-        for batch in calibration.batches(options.batch_size):
-            batch = to_device(batch, device)
-            try:
-                try:
-                    model(**batch, use_cache=False)
-                except TypeError:
-                    model(**batch)
-            except _CaptureDone:
-                pass
-    finally:
-        handle.remove()
-        _move_back(moved)
-    if not hidden:
-        raise CalibrationError("calibration produced no inputs for the first block")
-    return BlockInputs(hidden, args, kwargs)
-
-
-def _move_outside_blocks(model: nn.Module, adapter: ModelAdapter, device: torch.device) -> list:
-    moved = []
-    prefix = adapter.blocks_path + "."
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if not name.startswith(prefix) and t.device != device and t.device.type != "meta":
-            moved.append((t, t.data))
-            t.data = t.data.to(device)
-    return moved
-
-
-def _move_back(moved: list) -> None:
-    for t, data in moved:
-        t.data = data
 
 
 def _block_forward(block: nn.Module):
@@ -152,12 +49,8 @@ def _head_forward(norm: nn.Module | None, head: nn.Module | None):
     """The head unit's forward on the last block's outputs (``None`` when nothing runs after the blocks)."""
     if head is None:
         return None
-    logits = _logits(norm, head)
+    logits = logits_of(norm, head)
     return lambda h, a, kw: logits(h)
-
-
-def _logits(norm: nn.Module | None, head: nn.Module):
-    return lambda h: head(norm(h) if norm is not None else h)
 
 
 @dataclass
@@ -218,7 +111,9 @@ def run_pipeline(
         log.debug("first-block inputs captured")
         if generate and resume is None:
             with phase(SANITY):
-                sanity.generated_reference, _ = _generate(model, adapter, held_back, options, store, output=False)
+                sanity.generated_reference, _ = generate_with_store(
+                    model, adapter, held_back, options, store, output=False
+                )
             log.info("original model's greedy continuation: %s", sanity.generated_reference)
     start_block = 0
     if resume is not None:
@@ -249,48 +144,28 @@ def run_pipeline(
             block = adapter.blocks[index]
             home = next(block.parameters()).device
             block.to(device)
-            unit = Unit(
-                name=name,
-                index=index,
-                module=block,
-                linears=adapter.block_linears(index),
-                groups=adapter.groups(index),
-                state=state,
-                inputs=inputs,
-                forward=_block_forward(block),
-                device=device,
-                norm_offset=adapter.arch.norm_offset,
-            )
-            experts = adapter.experts(index)
-            if experts is not None:
-                experts.route_all = options.moe_route_all
-            if sanity is not None:
-                with phase(SANITY):
-                    sanity.before(unit)
-            routing_key = f"{name}.{adapter.arch.moe.path}" if experts is not None else ""
-            with phase(CAPTURE), _count_routing(experts, state, routing_key):
-                fp_outputs = unit.run() if inputs is not None and options.propagate == "fp" else None
-            for step in steps:
-                progress.update(f"block {index + 1}/{len(adapter)}: {step.name}")
-                try:
-                    with phase(step.name):
-                        step.apply(unit)
-                except Exception as exc:  # the type stays; the message gains where it happened
-                    exc.add_note(f"in step '{step.name}' on {name}")
-                    raise
-            if inputs is not None:
-                if fp_outputs is None:
-                    with phase(CAPTURE), _count_routing(experts, state, routing_key):
-                        outputs = unit.run()
-                else:
-                    outputs = fp_outputs
-                _check_activations(outputs, name)
+            arithmetic = options.compute_dtype or arithmetic_dtype(_floating_dtype(block), device)
+            with computing_in([block], arithmetic):
+                unit = Unit(
+                    name=name,
+                    index=index,
+                    module=block,
+                    linears=adapter.block_linears(index),
+                    groups=adapter.groups(index),
+                    state=state,
+                    inputs=inputs,
+                    forward=_block_forward(block),
+                    device=device,
+                    norm_offset=adapter.arch.norm_offset,
+                    compute_dtype=arithmetic,
+                )
+                experts = adapter.experts(index)
+                routing_key = f"{name}.{adapter.arch.moe.path}" if experts is not None else ""
+                outputs = _quantize_block(
+                    unit, steps, options, sanity, experts, routing_key, state, phase, progress, len(adapter)
+                )
+            if outputs is not None:
                 inputs = inputs.with_hidden(outputs)
-            if experts is not None:
-                experts.route_all = False
-            if sanity is not None:
-                with phase(SANITY):
-                    sanity.after(unit)
             block.to(home)
             del unit  # it holds this block's inputs: let them go before the next block loads
             with phase(WRITE):
@@ -333,7 +208,7 @@ def run_pipeline(
     report = None
     if sanity is not None:
         with phase(SANITY):
-            report = _final_sanity(model, adapter, sanity, held_back, options, store, generate, bool(head_linears))
+            report = final_report(model, adapter, sanity, held_back, options, store, generate, bool(head_linears))
     if not head_linears:
         store.release_outside(adapter)  # the writer reads them from disk in turn
     with phase(WRITE):
@@ -341,63 +216,53 @@ def run_pipeline(
     return PipelineResult(state, report, timings)
 
 
-def _final_sanity(
-    model, adapter, sanity: SanityTracker, held_back, options: PipelineOptions, store, generate: bool, keep_head: bool
-) -> SanityReport:
-    """Compare the quantized model with the original on the held-back samples, and continue the
-    prompt greedily with the quantized model (``keep_head``: a quantized head exists only in memory)."""
-    generated, nonfinite = None, False
-    if generate and sanity.generated_reference is not None:
-        # A quantized head stays in memory, and the embeddings join it.
-        if keep_head:
-            store.load_outside(adapter)
-        else:
-            store.release_outside(adapter)
-        generated, nonfinite = _generate(
-            model, adapter, held_back, options, store, output=True, swap_outside=not keep_head
-        )
-        log.info("quantized model's greedy continuation: %s", generated)
-        store.load_head(adapter)
-    prompt = _prompt(held_back).tolist() if generated is not None else None
-    _, norm = adapter.final_norm()
-    _, head = adapter.lm_head()
-    return sanity.report(_logits(norm, head), options.sanity, generated, nonfinite, prompt)
+def _quantize_block(
+    unit: Unit,
+    steps: Sequence[Step],
+    options: PipelineOptions,
+    sanity: SanityTracker | None,
+    experts,
+    routing_key: str,
+    state: QuantState,
+    phase,
+    progress: ProgressReporter,
+    blocks: int,
+) -> list[torch.Tensor] | None:
+    """Every step on one block; returns the block's outputs for the next one (``None`` without
+    calibration data). The sanity samples go through the block before and after."""
+    if experts is not None:
+        experts.route_all = options.moe_route_all
+    try:
+        if sanity is not None:
+            with phase(SANITY):
+                sanity.before(unit)
+        with phase(CAPTURE), _count_routing(experts, state, routing_key):
+            fp_outputs = unit.run() if unit.inputs is not None and options.propagate == "fp" else None
+        for step in steps:
+            progress.update(f"block {unit.index + 1}/{blocks}: {step.name}")
+            try:
+                with phase(step.name):
+                    step.apply(unit)
+            except Exception as exc:  # the type stays; the message gains where it happened
+                exc.add_note(f"in step '{step.name}' on {unit.name}")
+                raise
+        outputs = fp_outputs
+        if unit.inputs is not None:
+            if outputs is None:
+                with phase(CAPTURE), _count_routing(experts, state, routing_key):
+                    outputs = unit.run()
+            _check_activations(outputs, unit.name)
+    finally:
+        if experts is not None:
+            experts.route_all = False
+    if sanity is not None:
+        with phase(SANITY):
+            sanity.after(unit)
+    return outputs
 
 
-def _prompt(held_back: CalibrationData) -> torch.Tensor:
-    return held_back.input_ids[0, : min(16, held_back.seq_len)]
-
-
-def _generate(
-    model, adapter, held_back: CalibrationData, options: PipelineOptions, store, output: bool, swap_outside=True
-):
-    """Greedy continuation of the start of the first held-back sample, blocks loaded in turn
-    (the finished ones from the output when ``output``); with ``swap_outside``, the embeddings
-    and the head too (a no-op for a model in memory)."""
-    _, norm = adapter.final_norm()
-    _, head = adapter.lm_head()
-    head_device = next(head.parameters()).device
-    outside = None
-    if swap_outside:
-        outside = OutsideLoader(
-            load_embeddings=lambda: store.load_outside(adapter),
-            load_head=lambda: store.load_head(adapter),
-            release=lambda: store.release_outside(adapter),
-        )
-        if head_device.type == "meta":  # released now; the store loads weights onto the CPU
-            head_device = torch.device("cpu")
-    return greedy_continuation(
-        model,
-        adapter,
-        _prompt(held_back),
-        options.sanity_generate,
-        options,
-        _logits(norm, head),
-        load_block=lambda i: (store.load_output_block if output else store.load_block)(adapter, i),
-        release_block=lambda i: store.release_block(adapter, i),
-        head_device=head_device,
-        outside=outside,
-    )
+def _floating_dtype(module: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
 @contextlib.contextmanager

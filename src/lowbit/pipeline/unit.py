@@ -92,6 +92,7 @@ class Unit:
         forward: ForwardFn,
         device: torch.device,
         norm_offset: float = 0.0,
+        compute_dtype: torch.dtype | None = None,
     ):
         self.name = name
         self.index = index
@@ -102,6 +103,9 @@ class Unit:
         self.inputs = inputs
         self._forward = forward
         self.device = device
+        #: what the inputs are cast to on their way in (the module computes in it); outputs go
+        #: back to the dtype the inputs are kept in
+        self.compute_dtype = compute_dtype
         #: norms of this model compute ``x * (norm_offset + weight)`` (Gemma: 1)
         self.norm_offset = norm_offset
         self._prefix = name + "." if name else ""
@@ -126,27 +130,31 @@ class Unit:
     def batches(self) -> Iterator[tuple[torch.Tensor, tuple, dict]]:
         if not self.has_calibration:
             raise RuntimeError(f"{self.name}: no calibration inputs (the recipe's calibrated steps need data)")
-        for h, a, k in zip(self.inputs.hidden, self.inputs.args, self.inputs.kwargs):
-            yield to_device(h, self.device), to_device(a, self.device), to_device(k, self.device)
+        yield from self._cast(self.inputs)
+
+    def _cast(self, inputs: BlockInputs) -> Iterator[tuple[torch.Tensor, tuple, dict]]:
+        dev, dtype = self.device, self.compute_dtype
+        for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs):
+            yield to_device(h, dev, dtype), to_device(a, dev, dtype), to_device(k, dev, dtype)
 
     @torch.no_grad()
     def run(self, keep_outputs: bool = True) -> list[torch.Tensor] | None:
-        """Run the unit over all calibration batches; outputs (on CPU) if asked."""
-        outs = [] if keep_outputs else None
-        for h, a, k in self.batches():
-            y = self._forward(h, a, k)
-            if outs is not None:
-                outs.append(y.to("cpu"))
-        return outs
+        """Run the unit over all calibration batches; outputs (on CPU, in the inputs' dtype) if asked."""
+        if not self.has_calibration:
+            raise RuntimeError(f"{self.name}: no calibration inputs (the recipe's calibrated steps need data)")
+        return self._run(self.inputs, keep_outputs)
 
     @torch.no_grad()
     def forward_inputs(self, inputs: BlockInputs) -> list[torch.Tensor]:
-        """Run the unit on other inputs (e.g. held-back samples); outputs on CPU."""
-        outs = []
-        for h, a, k in zip(inputs.hidden, inputs.args, inputs.kwargs):
-            outs.append(
-                self._forward(to_device(h, self.device), to_device(a, self.device), to_device(k, self.device)).to("cpu")
-            )
+        """Run the unit on other inputs (e.g. held-back samples); outputs on CPU, in the inputs' dtype."""
+        return self._run(inputs, True)
+
+    def _run(self, inputs: BlockInputs, keep_outputs: bool) -> list[torch.Tensor] | None:
+        outs = [] if keep_outputs else None
+        for (h, a, k), stored in zip(self._cast(inputs), inputs.hidden):
+            y = self._forward(h, a, k)
+            if outs is not None:
+                outs.append(y.to("cpu", stored.dtype))
         return outs
 
     @torch.no_grad()

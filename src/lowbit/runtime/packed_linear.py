@@ -3,17 +3,17 @@
 Storage, by format (one copy of the weight, never a dequantized one kept):
 
 - 4-bit integers in groups of 32-256 (or per channel), output rows a multiple of 32 (INT4, llama.cpp's
-  Q4_0, Q4_1 and Q4_K): torch's CPU int4 layout (``_convert_weight_to_int4pack_for_cpu``), two codes
-  per byte, with scales and zeros folded into the ``(q - 8) * s + m`` form its kernel uses
-  (fractional HQQ zero-points and K-quant mins too). Kernel: ``_weight_int4pack_mm_for_cpu``.
+  Q4_0, Q4_1 and Q4_K): two codes per byte, scales and zeros folded into ``q * s + o`` per group
+  (fractional HQQ zero-points and K-quant mins too). Kernel: lowbit's own (:mod:`lowbit.kernels`,
+  float32 with activations rounded to int8 per 32 inputs, compiled on first use) where it is
+  available and the group size fits it; else torch's ``_weight_int4pack_mm_for_cpu`` on its own
+  layout, in bfloat16 (in float32 torch's int4 kernel is 10-30x slower).
 - 8-bit symmetric integers per output channel: int8 codes and one scale per row. Kernel:
-  ``_weight_int8pack_mm``.
+  ``_weight_int8pack_mm``, in bfloat16.
 - everything else: lowbit's packed codes and parameters; kernel: dequantize, then ``F.linear``.
 
-The weight-only kernels run in bfloat16 (their fast path on CPUs; in float32 torch's int4 kernel is
-10-30x slower): inputs are cast to bfloat16 and the outputs back, scales and zeros are kept for them
-in bfloat16 too. The format's own parameters stay beside them, so dequantizing gives lowbit's
-values exactly.
+The format's own parameters stay beside the kernels' copies, so dequantizing gives lowbit's values
+exactly.
 
 Every layer can also dequantize into a temporary dense weight and call ``F.linear`` in the model's
 dtype: for a large batch that beats the weight-only kernels, whose cost grows with the batch while
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import FormatSpec, QuantizedTensor, Quantizer, make_format, pack, unpack
+from ..kernels import int4_alignment, int4_gemm, pack_int4, unpack_int4
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def _int4_eligible(q: QuantizedTensor) -> bool:
         and rows % 32 == 0
         and group in _INT4_GROUPS
         and cols % group == 0
-        and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+        and (hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu") or int4_alignment() is not None)
     )
 
 
@@ -125,23 +126,31 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         for name in _PARAMS:
             self.register_buffer(name, _compact(getattr(q, name)))
-        if _int4_eligible(q) and _int4_layout_matches_torch():
+        lowbit_int4 = int4_alignment()
+        if _int4_eligible(q) and (lowbit_int4 or _int4_layout_matches_torch()):
             self.kernel = "int4"
-            self.register_buffer("packed", int4_layout(q.codes))
             self.group = self.spec.group_size if self.spec.granularity == "group" else self.in_features
-            # torch's kernel computes (q - 8) * s + m per group: s the effective scale, m = (8 - z) * s for a
-            # zero-point z, 8 * s - m for a stored min m (fractional zeros and K-quant mins work alike)
+            # w = q * s + o per group (o = -z * s for a zero-point z, -m for a stored min m: fractional zeros
+            # and K-quant mins work alike)
             p = q.params()
-            scale = p.effective_scale()[..., 0].expand(self.out_features, -1)
+            scale = p.effective_scale()[..., 0].expand(self.out_features, -1).float()
             zero = p.effective_zero()
             if zero is None:
-                offset = torch.zeros_like(scale)
+                offset = -8 * scale  # symmetric codes are stored around 8
             elif self.spec.zero_style == "min":
-                offset = 8 * scale - zero[..., 0]
+                offset = -zero[..., 0].float().expand_as(scale)
             else:
-                offset = (8 - zero[..., 0]) * scale
-            sz = torch.stack([scale, offset], -1).transpose(0, 1).to(NATIVE_DTYPE).contiguous()
-            self.register_buffer("scales_and_zeros", sz)  # [groups, out, 2], the kernel's dtype
+                offset = -zero[..., 0].float() * scale
+            self.lowbit_kernel = bool(lowbit_int4) and self.group % lowbit_int4 == 0
+            if self.lowbit_kernel:
+                self.register_buffer("packed", pack_int4(q.codes))
+                self.register_buffer("kernel_scale", scale.contiguous())
+                self.register_buffer("kernel_offset", offset.contiguous())
+            else:
+                self.register_buffer("packed", int4_layout(q.codes))
+                # torch's kernel computes (q - 8) * s + m: m = o + 8 s
+                sz = torch.stack([scale, offset + 8 * scale], -1).transpose(0, 1).to(NATIVE_DTYPE).contiguous()
+                self.register_buffer("scales_and_zeros", sz)  # [groups, out, 2], the kernel's dtype
         elif _int8_eligible(q):
             self.kernel = "int8"
             self.register_buffer("weight_int8", (q.codes.to(torch.int16) - 128).to(torch.int8))
@@ -158,7 +167,7 @@ class PackedLinear(nn.Module):
     # ------------------------------------------------------------------ weights
     def _codes(self) -> torch.Tensor:
         if self.kernel == "int4":
-            return int4_codes(self.packed, self.in_features)
+            return unpack_int4(self.packed) if self.lowbit_kernel else int4_codes(self.packed, self.in_features)
         if self.kernel == "int8":
             return (self.weight_int8.to(torch.int16) + 128).to(torch.uint8)
         return unpack(self.codes, self.spec.bits, self.in_features)
@@ -198,7 +207,10 @@ class PackedLinear(nn.Module):
         return F.linear(x, self.dense_weight(), self.bias)
 
     def forward_native(self, x2d: torch.Tensor) -> torch.Tensor:
-        """The weight-only kernel on ``[rows, in]`` inputs (no bias), computed in :data:`NATIVE_DTYPE`."""
+        """The weight-only kernel on ``[rows, in]`` inputs (no bias): lowbit's int4 kernel (float32,
+        activations rounded to int8 per 32), else torch's in :data:`NATIVE_DTYPE`."""
+        if self.kernel == "int4" and self.lowbit_kernel:
+            return int4_gemm(x2d, self.packed, self.kernel_scale, self.kernel_offset, self.group)
         x2d = x2d.to(NATIVE_DTYPE)
         if self.kernel == "int4":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d, self.packed, self.group, self.scales_and_zeros)
