@@ -13,7 +13,6 @@ from lowbit.models import lazy
 from lowbit.models.lazy import arithmetic_dtype
 from lowbit.pipeline import BlockInputs, QuantState, Unit
 from lowbit.pipeline.tensors import computing_in
-
 from tests.conftest import build_family, random_ids
 
 
