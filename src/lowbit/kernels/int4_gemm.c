@@ -28,24 +28,33 @@
 #define XD_STRIDE 32
 #endif
 
-/* For `rows` (1..4) rows of x at once, so that each run of codes is unpacked once:
- * out[r] = sum over one group of sum_b xd[r][b] * sum_{i in run b} q[i] * xq[r][i]. */
+/* One output row for `rows` (1..4) rows of x at once, so that each run of codes is unpacked once:
+ * out[r] = sum_g s[g] * sum_{runs b in g} xd[r][b] * sum_{i in b} q[i] * xq[r][i] + o[g] * xsum[r][g].
+ * The group scale is folded into the activation scales, so one vector accumulator per row of x runs
+ * across the whole row (no reduction per group). */
 static inline __attribute__((always_inline)) void dot_rows(const uint8_t *w, const int8_t *xq, const float *xd,
+                                                          const float *xsum, const float *s, const float *o,
                                                           int64_t k, int64_t group, const int rows, float *out) {
+    int64_t groups = k / group;
 #if defined(__AVX2__) && defined(__FMA__)
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     const __m256i low = _mm256_set1_epi8(15);
     const __m256i ones = _mm256_set1_epi16(1);
-    for (int64_t c = 0; c < group; c += 64) {
-        __m256i bytes = _mm256_loadu_si256((const __m256i *)(w + c / 2));
-        __m256i lo = _mm256_and_si256(bytes, low);
-        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
-        for (int r = 0; r < rows; r++) {
-            const int8_t *xr = xq + r * k + c;
-            __m256i sum16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xr)),
-                                             _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xr + 32))));
-            __m256 products = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, ones));
-            acc[r] = _mm256_fmadd_ps(products, _mm256_loadu_ps(xd + r * (k / XD_STRIDE) + c / XD_STRIDE), acc[r]);
+    for (int64_t g = 0; g < groups; g++) {
+        const __m256 sg = _mm256_set1_ps(s[g]);
+        for (int64_t c = g * group; c < (g + 1) * group; c += 64) {
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)(w + c / 2));
+            __m256i lo = _mm256_and_si256(bytes, low);
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+            for (int r = 0; r < rows; r++) {
+                const int8_t *xr = xq + r * k + c;
+                __m256i sum16 =
+                    _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xr)),
+                                     _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xr + 32))));
+                __m256 products = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, ones));
+                __m256 scales = _mm256_mul_ps(_mm256_loadu_ps(xd + r * (k / XD_STRIDE) + c / XD_STRIDE), sg);
+                acc[r] = _mm256_fmadd_ps(products, scales, acc[r]);
+            }
         }
     }
     for (int r = 0; r < rows; r++) {
@@ -57,28 +66,34 @@ static inline __attribute__((always_inline)) void dot_rows(const uint8_t *w, con
 #else
     for (int r = 0; r < rows; r++) {
         float total = 0;
-        for (int64_t c = 0; c < group; c += 32) {
-            int32_t run = 0;
-            for (int i = 0; i < 16; i++) {
-                uint8_t b = w[c / 2 + i];
-                run += (int32_t)(b & 15) * xq[r * k + c + i] + (int32_t)(b >> 4) * xq[r * k + c + 16 + i];
+        for (int64_t g = 0; g < groups; g++) {
+            float part = 0;
+            for (int64_t c = g * group; c < (g + 1) * group; c += 32) {
+                int32_t run = 0;
+                for (int i = 0; i < 16; i++) {
+                    uint8_t b = w[c / 2 + i];
+                    run += (int32_t)(b & 15) * xq[r * k + c + i] + (int32_t)(b >> 4) * xq[r * k + c + 16 + i];
+                }
+                part += xd[r * (k / XD_STRIDE) + c / XD_STRIDE] * (float)run;
             }
-            total += xd[r * (k / XD_STRIDE) + c / XD_STRIDE] * (float)run;
+            total += s[g] * part;
         }
         out[r] = total;
     }
 #endif
+    for (int r = 0; r < rows; r++)
+        for (int64_t g = 0; g < groups; g++) out[r] += o[g] * xsum[r * groups + g];
 }
 
 /* `rows` as a constant in each branch, so that the compiler unrolls the loops over it and keeps the
  * accumulators in registers */
-static void dot_group(const uint8_t *w, const int8_t *xq, const float *xd, int64_t k, int64_t group, int rows,
-                      float *out) {
+static void dot_row(const uint8_t *w, const int8_t *xq, const float *xd, const float *xsum, const float *s,
+                    const float *o, int64_t k, int64_t group, int rows, float *out) {
     switch (rows) {
-    case 1: dot_rows(w, xq, xd, k, group, 1, out); break;
-    case 2: dot_rows(w, xq, xd, k, group, 2, out); break;
-    case 3: dot_rows(w, xq, xd, k, group, 3, out); break;
-    default: dot_rows(w, xq, xd, k, group, 4, out); break;
+    case 1: dot_rows(w, xq, xd, xsum, s, o, k, group, 1, out); break;
+    case 2: dot_rows(w, xq, xd, xsum, s, o, k, group, 2, out); break;
+    case 3: dot_rows(w, xq, xd, xsum, s, o, k, group, 3, out); break;
+    default: dot_rows(w, xq, xd, xsum, s, o, k, group, 4, out); break;
     }
 }
 
@@ -125,13 +140,9 @@ int lowbit_int4_gemm(const float *x, const uint8_t *codes, const float *scale, c
         const float *s = scale + row * groups, *o = offset + row * groups;
         for (int64_t i = 0; i < m; i += 4) {
             int rows = m - i < 4 ? (int)(m - i) : 4;
-            float total[4] = {0, 0, 0, 0}, part[4];
-            for (int64_t g = 0; g < groups; g++) {
-                dot_group(w + g * group / 2, xq + i * k + g * group, xd + i * (k / XD_STRIDE) + g * group / XD_STRIDE, k, group, rows,
-                          part);
-                for (int r = 0; r < rows; r++) total[r] += s[g] * part[r] + o[g] * xsum[(i + r) * groups + g];
-            }
-            for (int r = 0; r < rows; r++) y[(i + r) * n + row] = total[r];
+            float out[4];
+            dot_row(w, xq + i * k, xd + i * (k / XD_STRIDE), xsum + i * groups, s, o, k, group, rows, out);
+            for (int r = 0; r < rows; r++) y[(i + r) * n + row] = out[r];
         }
     }
     free(xq), free(xd), free(xsum);
