@@ -1,5 +1,7 @@
 """The packed runtime: lowbit.load keeps quantized layers packed; every format reloads losslessly."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -136,3 +138,27 @@ def test_in_memory_save_picks_compressed_tensors_when_it_can(tmp_path):
     nf4.save(tmp_path / "nf4")
     assert '"quant_method": "lowbit"' in (tmp_path / "nf4" / "config.json").read_text()
     assert lowbit.load(tmp_path / "ct").model is not None
+
+
+def _mapped_file(address: int) -> str | None:
+    """The file whose memory map holds ``address`` in this process (Linux), if any."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split()
+        start, end = (int(a, 16) for a in parts[0].split("-"))
+        if start <= address < end:
+            return parts[5] if len(parts) > 5 else None
+    return None
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="Linux only")
+def test_load_leaves_the_input_embeddings_mapped_from_the_file(tmp_path):
+    model = save_tiny_lm(tmp_path / "m")
+    packed = quantize_checkpoint(model, [RTN(format="int4", group_size=32)], tmp_path / "p", options=OPTIONS)
+    loaded = lowbit.load(packed.out_dir, dtype=torch.float32)
+    weight = loaded.model.get_input_embeddings().weight
+    assert (_mapped_file(weight.data_ptr()) or "").endswith(".safetensors")
+    assert _mapped_file(loaded.model.lm_head.weight.data_ptr()) is None or not _mapped_file(
+        loaded.model.lm_head.weight.data_ptr()
+    ).endswith(".safetensors")
+    original = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    torch.testing.assert_close(weight, original.get_input_embeddings().weight, rtol=0, atol=0)

@@ -106,6 +106,30 @@ class SafetensorsCheckpoint:
                     out[key] = _read_tensor(f, path, key, header.get(key), data_start)
         return out
 
+    def mapped(self, name: str) -> torch.Tensor | None:
+        """``name`` as a read-mostly view of its file (copy-on-write memory map): its pages are read
+        from the page cache as they are touched, and count in the resident set only then. For an
+        embedding table, of which a generation touches a few rows. ``None`` where the data is not
+        aligned for its dtype."""
+        import mmap
+
+        file = self.where.get(name)
+        if file is None:
+            raise ModelLoadError(f"tensor {name} is not in the checkpoint {self.path}")
+        header, data_start = self._header(file)
+        entry = header[name]
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        begin, end = (int(o) for o in entry["data_offsets"])
+        if (data_start + begin) % torch.empty((), dtype=dtype).element_size():
+            return None
+        with open(self.path / file, "rb") as f:
+            memory = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        if end > begin:
+            flat = torch.frombuffer(memory, dtype=torch.uint8, count=end - begin, offset=data_start + begin)
+        else:
+            flat = torch.empty(0, dtype=torch.uint8)
+        return flat.view(dtype).reshape([int(d) for d in entry["shape"]])
+
     def _header(self, file: str) -> tuple[dict, int]:
         if file not in self._headers:
             path = self.path / file
