@@ -10,6 +10,7 @@ the row is expanded to a bit stream. Both paths are vectorised over all elements
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -68,6 +69,14 @@ def unpack(packed: torch.Tensor, bits: int, n_codes: int, storage: torch.dtype |
     if words != packed_length(n_codes, bits, storage):
         raise ValueError(f"{words} words cannot hold exactly {n_codes} codes of {bits} bits")
     lead = packed.shape[:-1]
+    if 8 % bits == 0 and packed.dtype == storage and sys.byteorder == "little":
+        # Codes never straddle a byte: read the words' bytes (low byte first, as the codes are laid out)
+        # with uint8 temporaries, an eighth of the int64 path's memory traffic.
+        per_byte = 8 // bits
+        b = packed.reshape(-1, words).contiguous().view(torch.uint8)
+        shifts = torch.arange(per_byte, device=b.device, dtype=torch.uint8) * bits
+        codes = (b.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return codes.reshape(b.shape[0], -1)[:, :n_codes].reshape(*lead, n_codes)
     w = _from_storage(packed.reshape(-1, words), storage)
     if width % bits == 0:
         per_word = width // bits

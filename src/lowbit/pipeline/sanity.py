@@ -198,13 +198,19 @@ def final_report(
     return sanity.report(head_fn, options.sanity, generated, nonfinite, prompt)
 
 
-def _upcast_head(norm: nn.Module | None, head: nn.Linear, dtype: torch.dtype, rows: int = 8192):
-    """The head's logits computed in ``dtype`` a slice of the vocabulary at a time: no ``dtype``
-    copy of a large head (a 128k vocabulary is 2 GiB in float32 at hidden 4096)."""
+def _upcast_head(norm: nn.Module | None, head: nn.Linear, dtype: torch.dtype, budget: int = 512 * 2**20):
+    """The head's logits computed in ``dtype``: the head cast once when that copy fits ``budget``
+    bytes, else a slice of the vocabulary at a time on every call (a 128k vocabulary is 2 GiB in
+    float32 at hidden 4096)."""
+    w, b = head.weight, head.bias
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    rows = w.shape[0] if w.numel() * itemsize <= budget else 8192
+    cast = [] if rows < w.shape[0] else [w.to(dtype), None if b is None else b.to(dtype)]
 
     def logits(h: torch.Tensor) -> torch.Tensor:
         x = (norm(h) if norm is not None else h).to(dtype)
-        w, b = head.weight, head.bias
+        if cast:
+            return F.linear(x, *cast)
         parts = [
             F.linear(x, w[i : i + rows].to(dtype), None if b is None else b[i : i + rows].to(dtype))
             for i in range(0, w.shape[0], rows)
