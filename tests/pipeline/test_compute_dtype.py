@@ -9,8 +9,8 @@ from torch import nn
 
 import lowbit
 from lowbit.algorithms import GPTQ
-from lowbit.models import lazy
-from lowbit.models.lazy import arithmetic_dtype
+from lowbit.models import dtypes
+from lowbit.models.dtypes import arithmetic_dtype
 from lowbit.pipeline import BlockInputs, QuantState, Unit
 from lowbit.pipeline.tensors import computing_in
 from tests.conftest import build_family, random_ids
@@ -29,7 +29,7 @@ from tests.conftest import build_family, random_ids
     ],
 )
 def test_arithmetic_dtype_follows_the_cpus_instructions(monkeypatch, flags, device, dtype, expected):
-    monkeypatch.setattr(lazy, "_cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(dtypes, "cpu_flags", lambda: frozenset(flags))
     assert arithmetic_dtype(dtype, device) == expected
 
 

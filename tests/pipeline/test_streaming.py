@@ -295,7 +295,8 @@ def test_an_unexpected_failure_inside_a_step_names_the_step_and_block(tiny_lm_di
 
 
 def test_float16_checkpoints_compute_in_float32_on_the_cpu(tmp_path):
-    from lowbit.models.lazy import LazyModel, compute_dtype
+    from lowbit.models.dtypes import compute_dtype
+    from lowbit.models.lazy import LazyModel
 
     assert compute_dtype(torch.float16, "cpu") == torch.float32  # no fast fp16 arithmetic on CPUs
     assert compute_dtype(torch.bfloat16, "cpu") == torch.bfloat16

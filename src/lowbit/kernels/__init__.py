@@ -41,9 +41,9 @@ def cache_dir() -> Path:
 
 
 def _cpu_signature() -> str:
-    from ..models.lazy import _cpu_flags
+    from ..models.dtypes import cpu_flags
 
-    return platform.machine() + ":" + ",".join(sorted(_cpu_flags()))
+    return platform.machine() + ":" + ",".join(sorted(cpu_flags()))
 
 
 def build(compiler: str | None = None) -> Path:

@@ -26,7 +26,7 @@ from ..export.atomic import OutputExistsError, check_output_dir
 from ..export.layouts import choose_layout
 from ..export.shards import INDEX, ShardWriter
 from ..models import ModelAdapter
-from ..models.lazy import LazyModel, arithmetic_dtype
+from ..models.lazy import LazyModel
 from ..recipe import Recipe
 from ..report import QuantizationReport, build_report, weight_files_bytes
 from .memory import return_freed_memory_promptly, trim
@@ -83,9 +83,7 @@ def fingerprint(
                     "propagate": options.propagate,
                     "batch_size": options.batch_size,
                     "dtype": str(save_dtype),
-                    "compute_dtype": str(
-                        options.compute_dtype or arithmetic_dtype(lazy.dtype, options.resolved_device())
-                    ),
+                    "compute_dtype": str(options.arithmetic_dtype(lazy.dtype)),
                     "save_format": layout,
                 }
             )
@@ -158,7 +156,7 @@ def quantize_directory(
         save_dtype,
         tokens,
         streaming=True,
-        compute_dtype=options.compute_dtype or arithmetic_dtype(lazy.dtype, options.resolved_device()),
+        compute_dtype=options.arithmetic_dtype(lazy.dtype),
         activation_dtype=lazy.dtype,
         out_dir=out,
         held_back_tokens=held_tokens,

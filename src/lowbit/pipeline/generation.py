@@ -17,7 +17,6 @@ from torch import nn
 
 from ..calibration import CalibrationData
 from ..models import ModelAdapter
-from ..models.lazy import arithmetic_dtype
 from .capture import capture_first_block_inputs
 from .tensors import computing_in, first_tensor, to_device
 
@@ -65,7 +64,7 @@ def greedy_continuation(
             block = adapter.blocks[index]
             home = next(block.parameters()).device
             block.to(device)
-            dtype = options.compute_dtype or arithmetic_dtype(h.dtype, device)
+            dtype = options.arithmetic_dtype(h.dtype, device)
             with computing_in([block], dtype):
                 out = first_tensor(
                     block(h.to(dtype), *to_device(args, device, dtype), **to_device(kwargs, device, dtype))

@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from ..models.dtypes import arithmetic_dtype
 from .sanity import SanityThresholds
 
 
@@ -33,7 +34,7 @@ class PipelineOptions:
             (their outputs still combine only the routed experts), so that every expert gets
             statistics.
         compute_dtype: what blocks compute in while they are worked on (default:
-            :func:`~lowbit.models.lazy.arithmetic_dtype` of the model's dtype: float32 for bf16/fp16
+            :func:`~lowbit.models.dtypes.arithmetic_dtype` of the model's dtype: float32 for bf16/fp16
             models on CPUs without half-precision instructions, where it runs about 8x faster).
             Calibration activations stay in the model's dtype between blocks.
         tune_allocator: in streaming runs, make glibc return freed memory to the system at once
@@ -55,6 +56,13 @@ class PipelineOptions:
     moe_route_all: bool = False
     tune_allocator: bool = False
     compute_dtype: torch.dtype | None = None
+
+    def arithmetic_dtype(self, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.dtype:
+        """What to compute in for tensors held in ``dtype`` on ``device`` (default: this run's
+        device): :attr:`compute_dtype` if set, else the device's rule."""
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        return arithmetic_dtype(dtype, device if device is not None else self.resolved_device())
 
     def resolved_device(self) -> torch.device:
         if self.device:

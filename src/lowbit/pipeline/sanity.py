@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.lazy import arithmetic_dtype
 from .generation import generate_with_store, logits_of, prompt_of, repeats_one_token
 from .unit import BlockInputs
 
@@ -192,7 +191,7 @@ def final_report(
     head_fn = logits_of(norm, head)
     weight = getattr(head, "weight", None)
     if isinstance(head, nn.Linear) and weight is not None and weight.device.type != "meta":
-        dtype = options.compute_dtype or arithmetic_dtype(weight.dtype, weight.device)
+        dtype = options.arithmetic_dtype(weight.dtype, weight.device)
         if dtype != weight.dtype:
             head_fn = _upcast_head(norm, head, dtype)
     return sanity.report(head_fn, options.sanity, generated, nonfinite, prompt)

@@ -20,7 +20,6 @@ from torch import nn
 from ..algorithms.base import Step
 from ..calibration import CalibrationData, CalibrationError
 from ..models import ModelAdapter
-from ..models.lazy import arithmetic_dtype
 from ..models.loading import model_kind
 from .capture import capture_first_block_inputs
 from .generation import generate_with_store, logits_of
@@ -144,7 +143,7 @@ def run_pipeline(
             block = adapter.blocks[index]
             home = next(block.parameters()).device
             block.to(device)
-            arithmetic = options.compute_dtype or arithmetic_dtype(_floating_dtype(block), device)
+            arithmetic = options.arithmetic_dtype(_floating_dtype(block), device)
             with computing_in([block], arithmetic):
                 unit = Unit(
                     name=name,

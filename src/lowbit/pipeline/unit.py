@@ -128,9 +128,12 @@ class Unit:
 
     # ------------------------------------------------------------------ running
     def batches(self) -> Iterator[tuple[torch.Tensor, tuple, dict]]:
+        yield from self._cast(self._calibration())
+
+    def _calibration(self) -> BlockInputs:
         if not self.has_calibration:
             raise RuntimeError(f"{self.name}: no calibration inputs (the recipe's calibrated steps need data)")
-        yield from self._cast(self.inputs)
+        return self.inputs
 
     def _cast(self, inputs: BlockInputs) -> Iterator[tuple[torch.Tensor, tuple, dict]]:
         dev, dtype = self.device, self.compute_dtype
@@ -140,9 +143,7 @@ class Unit:
     @torch.no_grad()
     def run(self, keep_outputs: bool = True) -> list[torch.Tensor] | None:
         """Run the unit over all calibration batches; outputs (on CPU, in the inputs' dtype) if asked."""
-        if not self.has_calibration:
-            raise RuntimeError(f"{self.name}: no calibration inputs (the recipe's calibrated steps need data)")
-        return self._run(self.inputs, keep_outputs)
+        return self._run(self._calibration(), keep_outputs)
 
     @torch.no_grad()
     def forward_inputs(self, inputs: BlockInputs) -> list[torch.Tensor]:

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..formats import FormatSpec, QuantizedTensor, Quantizer, make_format, pack, unpack
 from ..kernels import int4_alignment, int4_gemm, pack_int4, unpack_int4
-from ..models.lazy import arithmetic_dtype
+from ..models.dtypes import arithmetic_dtype
 
 log = logging.getLogger(__name__)
 
@@ -183,9 +183,9 @@ class PackedLinear(nn.Module):
             codes=self._codes(), spec=self.spec, shape=(self.out_features, self.in_features), **params
         )
 
-    def dense_weight(self) -> torch.Tensor:
-        """The dequantized weight ``[out, in]`` in the compute dtype (a temporary)."""
-        return Quantizer(self.spec).dequantize(self.quantized()).to(self.dtype)
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dequantized weight ``[out, in]`` in ``dtype`` (default: the compute dtype), a temporary."""
+        return Quantizer(self.spec).dequantize(self.quantized()).to(dtype or self.dtype)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -207,11 +207,8 @@ class PackedLinear(nn.Module):
             return y if self.bias is None else y + self.bias
         # bf16/fp16 models on CPUs without those instructions: the matmul in float32 (about 8x faster)
         arithmetic = arithmetic_dtype(self.dtype, x.device)
-        if arithmetic == self.dtype:
-            return F.linear(x, self.dense_weight(), self.bias)
-        weight = Quantizer(self.spec).dequantize(self.quantized()).to(arithmetic)
         bias = None if self.bias is None else self.bias.to(arithmetic)
-        return F.linear(x.to(arithmetic), weight, bias).to(self.dtype)
+        return F.linear(x.to(arithmetic), self.dense_weight(arithmetic), bias).to(self.dtype)
 
     def forward_native(self, x2d: torch.Tensor) -> torch.Tensor:
         """The weight-only kernel on ``[rows, in]`` inputs (no bias): lowbit's int4 kernel (float32,
