@@ -1,0 +1,1 @@
+"""lowbit test suite (a package, so test folders such as tests/kernels never shadow installed modules)."""
