@@ -4,7 +4,7 @@
 without dequantizing the weight. Activations are rounded to int8 in blocks of 32 (as
 llama.cpp does), so the inner loop is integer multiply-adds. On a 2-core AVX2 EPYC it runs a
 5632 x 2048 layer at batch 1 in about 0.7x the time of torch's ``_weight_int4pack_mm_for_cpu``
-(benchmarks/kernels.py); benchmarks/runtime.py measures the effect on decoding.
+(benchmarks/int4_kernel.py); benchmarks/runtime.py measures the effect on decoding.
 
 The C source ships with the package; it is compiled with ``-O3 -march=native -fopenmp`` into
 ``$LOWBIT_CACHE/kernels`` (default ``~/.cache/lowbit``), keyed by the source, the compiler and the

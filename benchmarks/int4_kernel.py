@@ -1,7 +1,7 @@
 """Weight-only int4 matmul kernels at small batches: lowbit's C kernel against torch's
 ``_weight_int4pack_mm_for_cpu`` and dense bf16 / fp32 ``F.linear``.
 
-    python benchmarks/kernels.py
+    python benchmarks/int4_kernel.py
 
 Each kernel runs over 24 layers of the same shape in turn (codes 24 x 5.8 MB for 5632 x 2048,
 more than the L3 cache), as decoding does, so the weights come from DRAM. Kernels alternate;
