@@ -69,11 +69,14 @@ class QuantizationReport:
         from rich.table import Table
 
         show_out = any(r.output_error is not None for r in self.layers)
+        show_act = any(r.activations is not None for r in self.layers)
         t = Table(title="lowbit quantization report", show_lines=False)
         t.add_column("layer", overflow="fold")
         t.add_column("method")
         t.add_column("format")
         t.add_column("bits/w", justify="right")
+        if show_act:
+            t.add_column("inputs")
         t.add_column("rel. weight err", justify="right")
         if show_out:
             t.add_column("output err (RTN)", justify="right")
@@ -85,6 +88,7 @@ class QuantizationReport:
                 r.method + (f" ({r.note})" if r.note else ""),
                 r.format,
                 f"{r.bits_per_weight:.4f}",
+                *([r.activations or "full precision"] if show_act else []),
                 f"{r.rel_weight_error:.4f}",
             ]
             if show_out:

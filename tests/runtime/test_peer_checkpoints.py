@@ -46,3 +46,20 @@ def test_lowbit_reads_llmcompressor_checkpoints(name):
     ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(dense.model(input_ids=ids).logits, packed.model(input_ids=ids).logits)
+
+
+ACTIVATIONS = {"w8a8-int8-dynamic": "a8-int8-dynamic", "w8a8-int8-static": "a8-int8-static-minmax", "fp8-dynamic": "a8-fp8-dynamic"}
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_activation_quantized_checkpoints_compute_what_transformers_computes(name):
+    """llm-compressor's W8A8 (INT8 per token, INT8 static per tensor) and FP8-dynamic checkpoints: lowbit
+    quantizes the same inputs the same way as transformers + compressed-tensors (logits equal)."""
+    path = DATA / name
+    ours = lowbit.load(path, dtype=torch.float32, native_kernels=False).model
+    schemes = {m.input_quantizer.scheme.label() for m in ours.modules() if hasattr(m, "input_quantizer")}
+    assert schemes == {ACTIVATIONS[name]}
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=0, atol=1e-6)

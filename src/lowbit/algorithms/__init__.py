@@ -1,11 +1,12 @@
 """Post-training quantization methods, one module each; importing registers their steps."""
 
-from . import awq, gptq, hqq, rtn  # noqa: F401  (importing registers the steps)
+from . import awq, gptq, hqq, rtn, smoothquant  # noqa: F401  (importing registers the steps)
 from .awq import AWQ, AWQConfig
 from .base import STEPS, Step, StepConfig, StepConfigError, WeightQuantConfig, build_step, register_step
 from .gptq import GPTQ, GPTQConfig, gptq_quantize
 from .hqq import HQQ, HQQConfig, hqq_quantize
 from .rtn import RTN, RTNConfig
+from .smoothquant import SmoothQuant, SmoothQuantConfig
 
 __all__ = [
     "AWQ",
@@ -17,6 +18,8 @@ __all__ = [
     "GPTQConfig",
     "HQQConfig",
     "RTNConfig",
+    "SmoothQuant",
+    "SmoothQuantConfig",
     "Step",
     "StepConfig",
     "StepConfigError",

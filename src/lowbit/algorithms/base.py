@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator
 
 from ..formats import FormatSpec, make_format
+from ..formats.activations import ActivationScheme
 
 if TYPE_CHECKING:
     from ..pipeline.unit import Unit
@@ -70,6 +71,9 @@ class WeightQuantConfig(StepConfig):
             ``lowbit.formats.format_names()``) or a full format spec as a mapping.
         bits, group_size, symmetric, clip: overrides of the format's fields (``group_size=-1``:
             per output channel).
+        input_activations: quantize the inputs of these layers too when the model runs (W8A8, W4A8,
+            W4A4 ...): an :class:`~lowbit.formats.activations.ActivationScheme` such as
+            ``{format: int8, dynamic: true}``. Static schemes are calibrated on the calibration data.
     """
 
     format: str | FormatSpec = "int4"
@@ -77,6 +81,7 @@ class WeightQuantConfig(StepConfig):
     group_size: int | None = None
     symmetric: bool | None = None
     clip: str | None = None
+    input_activations: ActivationScheme | None = None
     _spec: FormatSpec | None = PrivateAttr(default=None)
 
     @field_validator("format", mode="before")
@@ -162,6 +167,28 @@ class Step:
             self.config = validate_config(self.Config, config if config is not None else kwargs, self.name)
         #: set by the pipeline: a later step of the recipe quantizes the same layers
         self.followed_by_quantizer = False
+        if self.activation_scheme is not None and not self.activation_scheme.dynamic:
+            self.needs_calibration = True  # static activation scales are calibrated on data
+
+    @property
+    def activation_scheme(self) -> ActivationScheme | None:
+        """How the inputs of this step's layers are quantized at run time (``None``: not at all)."""
+        return getattr(self.config, "input_activations", None)
+
+    def quantize_inputs(self, unit: Unit) -> None:
+        """Called by the pipeline after :meth:`apply`: attach the input quantizers of the layers this
+        step rounded in ``unit`` (calibrating static scales on the unit's calibration inputs, which
+        reach each layer through the unit's already-quantized weights)."""
+        scheme = self.activation_scheme
+        if scheme is None:
+            return
+        layers = {
+            n: m
+            for n, m in unit.linears.items()
+            if (r := unit.state.results.get(n)) is not None and r.method == self.name and r.activations is None
+        }
+        if layers:
+            attach_activation_quantizers(unit, layers, scheme)
 
     def apply(self, unit: Unit) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -189,6 +216,29 @@ class Step:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config!r})"
+
+
+def attach_activation_quantizers(unit: Unit, layers: dict[str, Any], scheme: ActivationScheme) -> None:
+    """Attach ``scheme``'s input quantizer to ``layers`` of ``unit``, static scales calibrated first
+    (all layers in one pass over the calibration inputs, before any of them quantizes its input)."""
+    import torch
+
+    from ..formats.activations import StaticObserver, attach_input_quantizer
+
+    scales: dict[str, torch.Tensor | None] = dict.fromkeys(layers)
+    if not scheme.dynamic:
+        if not unit.has_calibration:
+            raise RuntimeError(f"{unit.name or 'head'}: static activation scales need calibration data")
+        fraction = min(1.0, scheme.max_tokens / max(1, unit.inputs.tokens()))
+        observers = {n: StaticObserver(scheme, fraction) for n in layers}
+        unit.collect(layers, lambda n, x: observers[n].add(x))
+        # rounded to the dtype the checkpoint stores it in, so the saved model computes what this one does
+        stored = unit.inputs.hidden[0].dtype
+        scales = {n: o.scale().to(stored).float() for n, o in observers.items()}
+    for name, module in layers.items():
+        attach_input_quantizer(module, scheme, scales[name])
+        unit.state.results[name].activations = scheme.label()
+        unit.state.results[name].activation_bits = scheme.bits
 
 
 def validate_config(cls: type[StepConfig], data: dict[str, Any], step: str) -> StepConfig:

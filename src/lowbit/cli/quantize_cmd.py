@@ -46,6 +46,14 @@ def add_parser(sub) -> None:
         default=None,
         help="clipping rule for scales (llama.cpp: its reference quantizers' rule, for q4_0 ... q6_k)",
     )
+    p.add_argument(
+        "--activations",
+        default=None,
+        metavar="FORMAT[:static]",
+        help="also quantize the inputs of the quantized layers: int8, int4, fp8, mxfp4, nvfp4; scales per token "
+        "computed at run time, or with ':static' one per tensor calibrated on the calibration data (W8A8: "
+        "--format int --bits 8 --group-size -1 --activations int8)",
+    )
     p.add_argument("--recipe", default=None, help="YAML recipe file (replaces --method/--format/...)")
     p.add_argument(
         "--ignore", action="append", default=None, help="layer name pattern to skip (repeatable; default lm_head)"
@@ -113,7 +121,7 @@ def add_parser(sub) -> None:
 
 
 def build_recipe(args: argparse.Namespace):
-    from ..algorithms import STEPS
+    from ..algorithms import STEPS, WeightQuantConfig
     from ..recipe import Recipe, as_recipe
 
     if args.recipe:
@@ -128,10 +136,19 @@ def build_recipe(args: argparse.Namespace):
                 f"--method: unknown method {method!r}; known: {', '.join(sorted(STEPS))}, or several joined by '+' "
                 "(e.g. awq+gptq)"
             )
-        config: dict = {"format": args.format}
-        for key in ("bits", "group_size", "symmetric", "clip"):
-            if getattr(args, key) is not None:
-                config[key] = getattr(args, key)
+        config: dict = {}
+        if issubclass(STEPS[method].Config, WeightQuantConfig):  # transforms (smoothquant) take no format
+            config["format"] = args.format
+            for key in ("bits", "group_size", "symmetric", "clip"):
+                if getattr(args, key) is not None:
+                    config[key] = getattr(args, key)
+            if args.activations:
+                fmt, _, how = args.activations.partition(":")
+                if how not in ("", "static", "dynamic"):
+                    raise ValueError(
+                        f"--activations {args.activations!r}: write FORMAT, FORMAT:static or FORMAT:dynamic"
+                    )
+                config["input_activations"] = {"format": fmt, "dynamic": how != "static"}
         if args.ignore is not None:
             config["ignore"] = args.ignore
         steps.append({method: config})

@@ -65,6 +65,7 @@ def save_packed_model_dir(
     dtype: torch.dtype | None = None,
     extra_files: dict[str, str | Callable[[Path], str]] | None = None,
     overwrite: bool = False,
+    activations: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` with its ``quantized`` layers (name -> codes) stored by ``layout`` (the
     tensors of :meth:`~lowbit.export.layouts.Layout.layer_tensors` in place of their weights) and the
@@ -102,7 +103,7 @@ def save_packed_model_dir(
         config = json.loads((tmp / "config.json").read_text())
         config["dtype"] = str(dtype).removeprefix("torch.")
         config.pop("torch_dtype", None)
-        qconfig = layout.quantization_config({n: q.spec for n, q in quantized.items()}, unquantized)
+        qconfig = layout.quantization_config({n: q.spec for n, q in quantized.items()}, unquantized, activations)
         if qconfig is not None:
             config["quantization_config"] = qconfig
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -10,6 +10,7 @@ What lowbit's formats become (tensor names per linear, next to ``config.json``'s
   ``2^(b-1)``: the same numbers); ``weight_scale`` ``[out, groups]``; ``weight_zero_point`` (asymmetric
   only) the unsigned zero-points packed the same way along the *output* dimension,
   ``[ceil(out*b/32), groups]``; ``weight_shape`` ``[out, in]``.
+- read only: ``int-quantized`` (llm-compressor's W8A8): ``weight`` int8 holding the signed codes.
 - FP8 E4M3 per channel or tensor: ``naive-quantized`` (compressed-tensors' name for weight-only FP8):
   ``weight`` float8_e4m3fn and ``weight_scale``.
 - NVFP4: ``nvfp4-pack-quantized``: ``weight_packed`` uint8 (two E2M1 codes per byte, the even element
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 
 from ..formats import FormatSpec, QuantizedTensor, pack, unpack
+from ..formats.activations import ActivationScheme
 from ..models import LINEAR_TYPES
 from .layouts import ExportError, Layout, register_layout
 
@@ -87,6 +89,7 @@ def _weights_args(spec: FormatSpec) -> dict[str, Any]:
 @register_layout
 class CompressedTensorsLayout(Layout):
     name = "compressed-tensors"
+    holds_activations = True
 
     def check(
         self, layer: str, spec: FormatSpec, module: torch.nn.Module, step: Any = None, q: QuantizedTensor | None = None
@@ -162,7 +165,15 @@ class CompressedTensorsLayout(Layout):
             cols = leaves["weight"].shape[1] if "weight" in leaves else 2 * leaves["weight_packed"].shape[1]
         scale = leaves["weight_scale"]
         zero = global_scale = None
-        if fmt == "pack-quantized":
+        if fmt == "pack-quantized" and "weight_packed" not in leaves:
+            # "int-quantized" (llm-compressor's W8A8): the signed codes as an int8 tensor, zero-points
+            # (if any) signed int8 [rows, groups]; lowbit's unsigned codes are those plus 2^(b-1)
+            offset = 1 << (spec.bits - 1)
+            codes = (leaves["weight"].to(torch.int16) + offset).to(torch.uint8)
+            if "weight_zero_point" in leaves:
+                zero = leaves["weight_zero_point"].float().reshape(rows, -1) + offset
+            scale = scale.float()
+        elif fmt == "pack-quantized":
             codes = unpack(leaves["weight_packed"], spec.bits, cols, torch.int32)
             if "weight_zero_point" in leaves:
                 zero = unpack(leaves["weight_zero_point"].T.contiguous(), spec.bits, rows, torch.int32).T.float()
@@ -178,20 +189,30 @@ class CompressedTensorsLayout(Layout):
         scale = scale.float().reshape(rows, -1) if scale.numel() > 1 or rows == 1 else scale.float().reshape(1, 1)
         return QuantizedTensor(codes, scale, zero, global_scale, spec, (rows, cols))
 
-    def quantization_config(self, layers: Mapping[str, FormatSpec], unquantized: list[str]) -> dict[str, Any]:
-        """One config group per format: the most common one targets every ``Linear`` (the others are
-        ignored by name), the rest target their layers by name (exact names win in matching)."""
+    def quantization_config(
+        self,
+        layers: Mapping[str, FormatSpec],
+        unquantized: list[str],
+        activations: Mapping[str, ActivationScheme] | None = None,
+    ) -> dict[str, Any]:
+        """One config group per (weight format, input activation scheme): the most common one targets
+        every ``Linear`` (the others are ignored by name), the rest target their layers by name (exact
+        names win in matching). Static activation scales are the layers' ``input_scale`` tensors."""
         from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
-        by_spec = Counter(layers.values())
-        ordered = [spec for spec, _ in by_spec.most_common()]
+        activations = activations or {}
+        scheme_of = {name: (spec, activations.get(name)) for name, spec in layers.items()}
+        ordered = [key for key, _ in Counter(scheme_of.values()).most_common()]
         groups = {}
-        for i, spec in enumerate(ordered):
-            targets = ["Linear"] if i == 0 else sorted(n for n, s in layers.items() if s == spec)
+        for i, (spec, act) in enumerate(ordered):
+            targets = ["Linear"] if i == 0 else sorted(n for n, k in scheme_of.items() if k == (spec, act))
             groups[f"group_{i}"] = QuantizationScheme(
-                targets=targets, weights=QuantizationArgs(**_weights_args(spec)), format=_ct_format(spec)
+                targets=targets,
+                weights=QuantizationArgs(**_weights_args(spec)),
+                input_activations=None if act is None else QuantizationArgs(**act.compressed_tensors_args()),
+                format=_ct_format(spec),
             )
-        formats = {_ct_format(spec) for spec in ordered}
+        formats = {_ct_format(spec) for spec, _ in ordered}
         config = QuantizationConfig(
             config_groups=groups,
             ignore=sorted(unquantized),

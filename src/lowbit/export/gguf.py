@@ -201,6 +201,7 @@ class GGUFLayout(LowbitPackedLayout):
     for ``lowbit eval``) and, from it, ``model.gguf`` beside it; every layer is checked up front."""
 
     name = "gguf"
+    holds_activations = False  # llama.cpp computes with float activations
 
     def check(self, layer, spec, module, step=None, q=None) -> None:
         check_layer(layer, spec, step)

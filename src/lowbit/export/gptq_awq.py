@@ -34,7 +34,7 @@ class _ReadOnly(Layout):
     def layer_tensors(self, q: QuantizedTensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         raise ExportError(f"lowbit reads {self.name} checkpoints; it writes compressed-tensors, GGUF and its own")
 
-    def quantization_config(self, layers, unquantized):
+    def quantization_config(self, layers, unquantized, activations=None):
         raise ExportError(f"lowbit reads {self.name} checkpoints; it writes compressed-tensors, GGUF and its own")
 
 

@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..formats import FormatSpec, QuantizedTensor, Quantizer
+from ..formats.activations import ActivationScheme
 
 
 class ExportError(ValueError):
@@ -30,6 +31,8 @@ class Layout(ABC):
 
     name: ClassVar[str]
     packs: ClassVar[bool] = True
+    #: whether the layout records how layers quantize their inputs (activation quantization)
+    holds_activations: ClassVar[bool] = False
 
     def check(
         self, layer: str, spec: FormatSpec, module: torch.nn.Module, step: Any = None, q: QuantizedTensor | None = None
@@ -49,9 +52,15 @@ class Layout(ABC):
         raise ExportError(f"the {self.name} layout stores no codes to read back")
 
     @abstractmethod
-    def quantization_config(self, layers: Mapping[str, FormatSpec], unquantized: list[str]) -> dict[str, Any] | None:
-        """``config.json``'s ``quantization_config`` for these quantized layers (name -> format); the
-        model's other linears are ``unquantized``. ``None``: none (a plain checkpoint)."""
+    def quantization_config(
+        self,
+        layers: Mapping[str, FormatSpec],
+        unquantized: list[str],
+        activations: Mapping[str, ActivationScheme] | None = None,
+    ) -> dict[str, Any] | None:
+        """``config.json``'s ``quantization_config`` for these quantized layers (name -> format), the
+        ``activations`` schemes of those that quantize their inputs; the model's other linears are
+        ``unquantized``. ``None``: none (a plain checkpoint)."""
 
 
 class FakeQuantLayout(Layout):
@@ -64,7 +73,7 @@ class FakeQuantLayout(Layout):
     def layer_tensors(self, q: QuantizedTensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         return {"weight": Quantizer(q.spec).dequantize(q).to(dtype)}
 
-    def quantization_config(self, layers, unquantized):
+    def quantization_config(self, layers, unquantized, activations=None):
         return None
 
 
@@ -99,4 +108,16 @@ def choose_layout(name: str, layers: Mapping[str, tuple]) -> Layout:
     layout = make_layout(name)
     for layer, args in layers.items():
         layout.check(layer, *args)
+    steps = [args[2] for args in layers.values() if len(args) > 2 and args[2] is not None]
+    check_activations(layout, [s.activation_scheme for s in steps])
     return layout
+
+
+def check_activations(layout: Layout, schemes: list[ActivationScheme | None]) -> None:
+    """Refuse a layout that would drop the activation quantization of some layer."""
+    scheme = next((s for s in schemes if s is not None), None)
+    if scheme is not None and not layout.holds_activations:
+        raise ExportError(
+            f"the {layout.name} layout cannot record activation quantization ({scheme.label()}); "
+            "save with --save-format compressed-tensors or lowbit"
+        )

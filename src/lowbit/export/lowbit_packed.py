@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..formats import FormatSpec, QuantizedTensor, make_format, pack, packed_length, unpack
+from ..formats.activations import ActivationScheme
 from .layouts import ExportError, Layout, register_layout
 
 LAYOUT_VERSION = 1
@@ -49,6 +50,7 @@ def _scale_from_storage(stored: torch.Tensor, spec: FormatSpec) -> torch.Tensor:
 
 @register_layout
 class LowbitPackedLayout(Layout):
+    holds_activations = True
     name = "lowbit"
 
     def layer_tensors(self, q: QuantizedTensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -94,16 +96,32 @@ class LowbitPackedLayout(Layout):
             super_min=None if super_min is None else super_min.float(),
         )
 
-    def quantization_config(self, layers: Mapping[str, FormatSpec], unquantized: list[str]) -> dict[str, Any]:
+    def quantization_config(
+        self,
+        layers: Mapping[str, FormatSpec],
+        unquantized: list[str],
+        activations: Mapping[str, ActivationScheme] | None = None,
+    ) -> dict[str, Any]:
         ids: dict[FormatSpec, str] = {}
         for spec in layers.values():
             ids.setdefault(spec, f"f{len(ids)}")
-        return {
+        config = {
             "quant_method": "lowbit",
             "version": LAYOUT_VERSION,
             "formats": {fid: spec.model_dump(mode="json", exclude_defaults=True) for spec, fid in ids.items()},
             "layers": {name: ids[spec] for name, spec in sorted(layers.items())},
         }
+        if activations:
+            config["input_activations"] = {
+                name: scheme.model_dump(mode="json", exclude_defaults=True)
+                for name, scheme in sorted(activations.items())
+            }
+        return config
+
+
+def activation_schemes_of(config: Mapping[str, Any]) -> dict[str, ActivationScheme]:
+    """Layer name -> how it quantizes its inputs, from a lowbit ``quantization_config``."""
+    return {name: ActivationScheme(**args) for name, args in config.get("input_activations", {}).items()}
 
 
 def specs_of(config: Mapping[str, Any]) -> dict[str, FormatSpec]:

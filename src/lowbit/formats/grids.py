@@ -72,11 +72,13 @@ def nf4_values() -> tuple[float, ...]:
 class TableGrid:
     """A grid given by a table ``values[code]``; quantisation rounds to the nearest finite value.
 
-    Ties between two neighbours go to the smaller magnitude's neighbour of lower index in the sorted
-    table; several codes with the same value (e.g. +0 and -0) map to the lowest such code.
+    Ties between two neighbours go to the lower one in the sorted table, or with ``ties_to_even`` (the
+    minifloat formats) to the one of even rank in magnitude (0, the smallest subnormal, ... count 0,
+    1, ...): IEEE round-half-to-even, what a cast to ``float8_e4m3fn`` and the engines that quantize
+    activations that way compute. Several codes with the same value (+0 and -0) map to the lowest.
     """
 
-    def __init__(self, code_values: torch.Tensor):
+    def __init__(self, code_values: torch.Tensor, ties_to_even: bool = False):
         self.code_values = code_values.to(torch.float32)
         finite = torch.isfinite(code_values)
         codes = torch.nonzero(finite).flatten()
@@ -91,20 +93,33 @@ class TableGrid:
         self.midpoints = ((self.sorted_values[1:].double() + self.sorted_values[:-1].double()) / 2).to(torch.float32)
         self.max_abs = float(self.sorted_values.abs().max())
         self.n_codes = len(code_values)
+        self.ties_to_even = ties_to_even
+        magnitudes = torch.unique(self.sorted_values.abs())  # sorted ascending, 0 first
+        rank = torch.bucketize(self.sorted_values.abs(), magnitudes)
+        #: per sorted value: its magnitude's rank is odd (its last mantissa bit is set)
+        self.odd = (rank % 2).bool()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Codes of the nearest grid values to ``x`` (``x`` already divided by its scale)."""
-        mids = self.midpoints.to(x.device)
-        idx = torch.bucketize(x.float().contiguous(), mids)
+        idx = self._nearest(x)
         return self.sorted_codes.to(x.device)[idx].to(torch.uint8 if self.n_codes <= 256 else torch.int16)
+
+    def _nearest(self, x: torch.Tensor) -> torch.Tensor:
+        """Index into ``sorted_values`` of the nearest value (ties as the class says)."""
+        mids = self.midpoints.to(x.device)
+        x = x.float().contiguous()
+        idx = torch.bucketize(x, mids)  # x exactly on a midpoint: the lower neighbour
+        if self.ties_to_even:
+            at_mid = mids[idx.clamp(max=len(mids) - 1)] == x
+            idx = torch.where(at_mid & self.odd.to(x.device)[idx], idx + 1, idx)
+        return idx
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         return self.code_values.to(codes.device)[codes.long()]
 
     def round(self, x: torch.Tensor) -> torch.Tensor:
         """Nearest grid value (encode then decode in one gather)."""
-        mids = self.midpoints.to(x.device)
-        return self.sorted_values.to(x.device)[torch.bucketize(x.float().contiguous(), mids)]
+        return self.sorted_values.to(x.device)[self._nearest(x)]
 
 
 def table_for(spec: FormatSpec) -> TableGrid:
@@ -125,4 +140,4 @@ def table_for(spec: FormatSpec) -> TableGrid:
 
 @functools.cache
 def _fp_table(element: str) -> TableGrid:
-    return TableGrid(fp_code_values(element))
+    return TableGrid(fp_code_values(element), ties_to_even=True)

@@ -260,11 +260,12 @@ class Quantizer:
             codes, fill = torch.round((x + p.effective_zero()) / scale), 0.0
         else:
             zero = p.zero if p.zero is not None else float(1 << (s.bits - 1))
-            if s.super_block is not None:  # llama.cpp's nearest_int(x / d) + offset
+            if s.super_block is not None or p.zero is None or s.zero_dtype == "int":
+                # integer zero-points: round(x/s) + z, as GPTQ, compressed-tensors and llama.cpp's
+                # nearest_int(x / d) + offset compute it (x/s + z would round x/s a second time in float32)
                 codes = torch.round(x / scale) + zero
             else:
-                # round(x/s + z), not round(x/s) + z: the same for integer zero-points, and right for
-                # the fractional ones HQQ produces
+                # float zero-points may be fractional (HQQ): round(x/s + z)
                 codes = torch.round(x / scale + zero)
             fill = zero
         if self._zero_scales:  # every code decodes to the same value: take the zero-point (or 0)
@@ -317,7 +318,7 @@ class Quantizer:
         xg = self.group_view(x2d)
         p, codes = self._params_and_codes(xg.detach(), self.global_scale_for(x2d))
         dq = self.decode(codes, p).reshape(x.shape).to(x.dtype)
-        return x + (dq - x).detach()
+        return straight_through(x, dq)
 
     # ------------------------------------------------------------------ accounting
     def bits_per_weight(self, shape: tuple[int, ...] | torch.Size) -> float:
@@ -345,6 +346,14 @@ class Quantizer:
 
     def with_spec(self, **changes) -> Quantizer:
         return Quantizer(FormatSpec.model_validate({**self.spec.model_dump(), **changes}))
+
+
+def straight_through(x: torch.Tensor, dq: torch.Tensor) -> torch.Tensor:
+    """``dq`` in the forward pass, the identity's gradient in the backward pass. Without a gradient
+    to carry, ``dq`` itself: ``x + (dq - x)`` is not exactly ``dq`` in floating point."""
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return dq
+    return x + (dq - x).detach()
 
 
 def check_finite(x: torch.Tensor, name: str = "tensor") -> None:

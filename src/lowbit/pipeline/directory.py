@@ -201,7 +201,8 @@ def quantize_directory(
         run_dir.cleanup()
     quantized = {name: rounding[name].config.spec for name in result.state.results}
     unquantized = [name for name in all_linears(adapter) if name not in quantized]
-    qconfig = layout.quantization_config(quantized, unquantized)
+    activations = {n: rounding[n].activation_scheme for n in quantized if rounding[n].activation_scheme is not None}
+    qconfig = layout.quantization_config(quantized, unquantized, activations)
     report = build_report(
         lazy.model,
         result.state,

@@ -199,6 +199,7 @@ def run_pipeline(
                 progress.update(f"head: {step.name}")
                 with phase(step.name):
                     step.apply(unit)
+                    step.quantize_inputs(unit)
             del unit
         inputs = None  # the calibration activations are done with; the final stage needs the memory
     state.on_commit = None
@@ -242,6 +243,7 @@ def _quantize_block(
             try:
                 with phase(step.name):
                     step.apply(unit)
+                    step.quantize_inputs(unit)
             except Exception as exc:  # the type stays; the message gains where it happened
                 exc.add_note(f"in step '{step.name}' on {unit.name}")
                 raise

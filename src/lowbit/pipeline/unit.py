@@ -59,6 +59,9 @@ class LayerResult:
     output_error_rtn: float | None = None
     seconds: float = 0.0
     note: str = ""
+    #: how the layer's inputs are quantized when the model runs (``None``: not at all)
+    activations: str | None = None
+    activation_bits: int | None = None
 
 
 @dataclass

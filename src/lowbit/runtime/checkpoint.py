@@ -17,8 +17,9 @@ from torch import nn
 from ..export.compressed_tensors import CompressedTensorsLayout
 from ..export.gptq_awq import awq_specs, gptq_specs
 from ..export.layouts import Layout
-from ..export.lowbit_packed import LowbitPackedLayout, specs_of
+from ..export.lowbit_packed import LowbitPackedLayout, activation_schemes_of, specs_of
 from ..formats import FormatSpec, make_format
+from ..formats.activations import ActivationScheme
 from ..models.loading import ModelLoadError
 
 _SCALE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -64,10 +65,33 @@ def _compressed_tensors_specs(config: Mapping[str, Any], model: nn.Module, store
         if not isinstance(module, nn.Linear):
             continue
         scheme = by_target[match_targets(name, module, by_target)[0]]
-        if scheme.input_activations is not None:
-            raise ModelLoadError(f"{name}: activation quantization in compressed-tensors checkpoints is not read yet")
         specs[name] = _spec_of(name, scheme.weights.model_dump(), stored_dtype(name, "weight_scale") or torch.float32)
     return specs
+
+
+def activation_schemes(config: Mapping[str, Any] | None, model: nn.Module) -> dict[str, ActivationScheme]:
+    """Layer name -> how the layer quantizes its inputs, for checkpoints that record it (lowbit's
+    layout, compressed-tensors' ``input_activations``)."""
+    if not config:
+        return {}
+    if config.get("quant_method") == "lowbit":
+        return activation_schemes_of(config)
+    if config.get("quant_method") != "compressed-tensors":
+        return {}
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.utils.match import match_named_modules, match_targets
+
+    parsed = QuantizationConfig.model_validate(dict(config))
+    by_target = {t: scheme for scheme in parsed.config_groups.values() for t in scheme.targets}
+    schemes = {}
+    for name, module in match_named_modules(model, by_target, parsed.ignore):
+        act = by_target[match_targets(name, module, by_target)[0]].input_activations
+        if act is not None and isinstance(module, nn.Linear):
+            try:
+                schemes[name] = ActivationScheme.from_compressed_tensors(act.model_dump())
+            except ValueError as exc:
+                raise ModelLoadError(f"{name}: {exc}") from None
+    return schemes
 
 
 def _spec_of(name: str, args: Mapping[str, Any], scale_dtype: torch.dtype) -> FormatSpec:

@@ -18,9 +18,10 @@ from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 
 from ..formats import Quantizer
+from ..formats.activations import ActivationScheme, attach_input_quantizer
 from ..models.lazy import LazyModel
 from ..models.loading import LoadedModel, ModelLoadError, resolve_model_path
-from .checkpoint import quantized_layers
+from .checkpoint import activation_schemes, quantized_layers
 from .packed_linear import PackedLinear, crossover_rows
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ def load(
     _unfuse_experts(lazy)
     found = quantized_layers(config.get("quantization_config"), model, lambda n, leaf: _stored_dtype(lazy, n, leaf))
     layout, specs = found if found is not None else (None, {})
+    schemes = activation_schemes(config.get("quantization_config"), model)  # matched while layers are nn.Linear
     stems = {name: lazy.checkpoint_name(f"{name}.weight").removesuffix("weight") for name in specs}
     skip = {f"{name}.weight" for name in specs}
     lazy.materialize(model, "", skip=skip)
@@ -73,6 +75,7 @@ def load(
             set_module_tensor_to_device(model, f"{name}.weight", "cpu", value=weight)
     if specs:
         log.info("%d quantized layers (%s), %s", len(specs), layout.name, "packed" if packed else "dequantized")
+    _attach_input_quantizers(lazy, model, schemes)
     if (
         packed and native_kernels and device.type == "cpu"
     ):  # measure which matmul wins at which batch now, not in the first forward
@@ -80,6 +83,24 @@ def load(
             crossover_rows(kernel, lazy.dtype)
     model.eval().to(device)
     return LoadedModel(model=model, tokenizer=_tokenizer(path), path=path, kind=lazy.kind, name=str(name_or_path))
+
+
+def _attach_input_quantizers(lazy: LazyModel, model: nn.Module, schemes: dict[str, ActivationScheme]) -> None:
+    """Quantize the inputs of the layers the checkpoint says, static scales from ``input_scale``."""
+    for name, scheme in schemes.items():
+        scale = None
+        if not scheme.dynamic:
+            key = lazy.checkpoint_name(f"{name}.weight").removesuffix("weight") + "input_scale"
+            if key not in lazy.checkpoint:
+                raise ModelLoadError(f"{name}: static input activations without {key} in the checkpoint")
+            scale = lazy.checkpoint.get(key).float()
+        attach_input_quantizer(model.get_submodule(name), scheme, scale)
+    if schemes:
+        log.info(
+            "%d layers quantize their inputs (%s)",
+            len(schemes),
+            ", ".join(sorted({s.label() for s in schemes.values()})),
+        )
 
 
 def _unfuse_experts(lazy: LazyModel) -> None:
