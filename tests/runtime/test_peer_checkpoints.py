@@ -48,7 +48,11 @@ def test_lowbit_reads_llmcompressor_checkpoints(name):
         torch.testing.assert_close(dense.model(input_ids=ids).logits, packed.model(input_ids=ids).logits)
 
 
-ACTIVATIONS = {"w8a8-int8-dynamic": "a8-int8-dynamic", "w8a8-int8-static": "a8-int8-static-minmax", "fp8-dynamic": "a8-fp8-dynamic"}
+ACTIVATIONS = {
+    "w8a8-int8-dynamic": "a8-int8-dynamic",
+    "w8a8-int8-static": "a8-int8-static-minmax",
+    "fp8-dynamic": "a8-fp8-dynamic",
+}
 
 
 @pytest.mark.parametrize("name", sorted(ACTIVATIONS))
