@@ -60,7 +60,7 @@ class QuantizationResult:
         if self.sanity is not None and not self.sanity.passed and not force:
             raise SanityCheckFailed(self.sanity)
         from .export.checkpoint import save_packed_model_dir
-        from .export.layouts import ExportError, check_activations, choose_layout
+        from .export.layouts import ExportError, choose_layout
         from .formats.activations import input_scheme
         from .models import ModelAdapter
 
@@ -70,9 +70,12 @@ class QuantizationResult:
                 "keep_codes=True for a packed checkpoint"
             )
         modules = dict(self.model.named_modules())
-        layout = choose_layout(save_format, {n: (q.spec, modules.get(n), None, q) for n, q in self.quantized.items()})
         activations = {n: a for n, m in modules.items() if (a := input_scheme(m)) is not None}
-        check_activations(layout, list(activations.values()))
+        layout = choose_layout(
+            save_format,
+            {n: (q.spec, modules.get(n), None, q) for n, q in self.quantized.items()},
+            list(activations.values()),
+        )
 
         def report_json(directory: Path) -> str:  # written last, when the weights' size on disk is known
             self.report.size_on_disk_bytes = weight_files_bytes(directory)

@@ -79,3 +79,27 @@ def test_layouts_without_activations_are_refused_before_any_work(tmp_path):
         with pytest.raises(ExportError, match="cannot record activation quantization"):
             quantize_checkpoint(tmp_path / "src", _recipe(True), tmp_path / fmt, save_format=fmt, options=OPTIONS)
         assert not (tmp_path / fmt).exists()
+
+
+def test_block_scaled_activations_go_to_lowbits_layout(tmp_path):
+    """MXFP4/NVFP4 inputs: compressed-tensors' loaders choose their block scales by other rules, so
+    ``auto`` saves lowbit's layout (which lowbit.load reads back exactly) and an explicit
+    compressed-tensors request is refused before any work."""
+    save_tiny_lm(tmp_path / "src", layers=1)
+    recipe = [{"rtn": {"format": "mxfp4", "input_activations": {"format": "mxfp4"}}}]
+    with pytest.raises(ExportError, match="mxfp4 activations"):
+        quantize_checkpoint(
+            tmp_path / "src", recipe, tmp_path / "ct", save_format="compressed-tensors", options=OPTIONS
+        )
+    assert not (tmp_path / "ct").exists()
+    model = lowbit.load(tmp_path / "src", dtype=torch.float32).model
+    res = lowbit.quantize(model, recipe, progress=False)
+    ids = random_ids(2, 12, vocab=100, seed=4)
+    with torch.no_grad():
+        expected = res.model(ids).logits
+    res.save(tmp_path / "auto")
+    config = json.loads((tmp_path / "auto" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "lowbit" and config["input_activations"]
+    with torch.no_grad():
+        got = lowbit.load(tmp_path / "auto", dtype=torch.float32, native_kernels=False).model(ids).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)

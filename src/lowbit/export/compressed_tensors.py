@@ -120,6 +120,15 @@ class CompressedTensorsLayout(Layout):
                 "(its zero-points are integers); save it with --save-format lowbit"
             )
 
+    def check_activation(self, scheme: ActivationScheme) -> None:
+        if scheme.spec.granularity == "group":
+            # compressed-tensors rounds MX block scales to the nearest power of two (lowbit: the OCP
+            # rule, floor) and needs a calibrated global scale for NVFP4 inputs
+            raise ExportError(
+                f"compressed-tensors loaders would compute {scheme.format} activations differently from lowbit; "
+                "save with --save-format lowbit"
+            )
+
     def layer_tensors(self, q: QuantizedTensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         spec = q.spec
         fmt = _ct_format(spec)

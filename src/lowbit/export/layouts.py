@@ -42,6 +42,11 @@ class Layout(ABC):
         they exist already. The default holds everything."""
         return None
 
+    def check_activation(self, scheme: ActivationScheme) -> None:
+        """Raise :class:`ExportError` if this layout cannot record inputs quantized by ``scheme`` so
+        that its loaders compute them as lowbit does."""
+        return None
+
     @abstractmethod
     def layer_tensors(self, q: QuantizedTensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The tensors that replace the layer's ``weight``, by their leaf names (``weight_packed`` ...).
@@ -93,31 +98,35 @@ def make_layout(name: str) -> Layout:
     return LAYOUTS[name]()
 
 
-def choose_layout(name: str, layers: Mapping[str, tuple]) -> Layout:
+def choose_layout(name: str, layers: Mapping[str, tuple], activations: list[ActivationScheme] | None = None) -> Layout:
     """The layout for ``name``; ``auto``: compressed-tensors if it holds every layer (``name -> (spec,
-    module, step[, codes])``: the arguments of :meth:`Layout.check`), else lowbit's own. An explicit
-    layout that cannot hold a layer fails here, naming the layer and why."""
+    module, step[, codes])``: the arguments of :meth:`Layout.check`) and every input scheme (those of
+    the steps, and ``activations``), else lowbit's own. An explicit layout that cannot hold a layer
+    fails here, naming the layer and why."""
+    steps = [args[2] for args in layers.values() if len(args) > 2 and args[2] is not None]
+    schemes = [s.activation_scheme for s in steps] + list(activations or [])
     if name == "auto":
         ct = make_layout("compressed-tensors")
         try:
             for layer, args in layers.items():
                 ct.check(layer, *args)
+            check_activations(ct, schemes)
         except ExportError:
             return make_layout("lowbit")
         return ct
     layout = make_layout(name)
     for layer, args in layers.items():
         layout.check(layer, *args)
-    steps = [args[2] for args in layers.values() if len(args) > 2 and args[2] is not None]
-    check_activations(layout, [s.activation_scheme for s in steps])
+    check_activations(layout, schemes)
     return layout
 
 
 def check_activations(layout: Layout, schemes: list[ActivationScheme | None]) -> None:
-    """Refuse a layout that would drop the activation quantization of some layer."""
-    scheme = next((s for s in schemes if s is not None), None)
-    if scheme is not None and not layout.holds_activations:
-        raise ExportError(
-            f"the {layout.name} layout cannot record activation quantization ({scheme.label()}); "
-            "save with --save-format compressed-tensors or lowbit"
-        )
+    """Refuse a layout that would drop (or misstate) the activation quantization of some layer."""
+    for scheme in {s for s in schemes if s is not None}:
+        if not layout.holds_activations:
+            raise ExportError(
+                f"the {layout.name} layout cannot record activation quantization ({scheme.label()}); "
+                "save with --save-format compressed-tensors or lowbit"
+            )
+        layout.check_activation(scheme)
