@@ -351,3 +351,13 @@ def test_models_lists_the_builtins(capsys):
     assert run_cli("models", "--json") == 0
     names = {m["name"] for m in json.loads(capsys.readouterr().out)}
     assert names == {"reference-lm", "minilm"}
+
+
+def test_eval_through_a_quantized_kv_cache(tiny_lm_dir, capsys):
+    common = ["eval", tiny_lm_dir, "--reference", tiny_lm_dir, "--max-tokens", "600", "--context", "128", "--json"]
+    assert run_cli(*common, "--kv-bits", "2", "--kv-residual", "0", "--kv-group-size", "16") == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["kl"] > 1e-4  # the same model, now reading 2-bit keys and values
+    assert res["kv_bytes_per_token"] < res["kv_bytes_per_token_fp16"] / 3
+    assert run_cli(*common, "--kv-bits", "5") == 2
+    assert "bits must be 2, 3, 4, 8" in capsys.readouterr().err

@@ -32,6 +32,15 @@ def add_parser(sub) -> None:
         help="comma-separated lm-eval tasks (needs lowbit[lm-eval] and the tasks' datasets: on a machine "
         "without network, local task YAML files through --tasks-path)",
     )
+    p.add_argument(
+        "--kv-bits",
+        default=None,
+        help="quantize the KV cache the perplexity is computed through: 2, 3, 4, 8 or fp8 (keys per channel, "
+        "values per token, KIVI-style)",
+    )
+    p.add_argument("--kv-group-size", type=int, default=32, help="tokens per key group (default: 32)")
+    p.add_argument("--kv-residual", type=int, default=32, help="recent tokens kept in full precision (default: 32)")
+    p.add_argument("--kv-sinks", type=int, default=0, help="first tokens never quantized (default: 0)")
     p.add_argument("--tasks-path", default=None, help="folder of lm-eval task YAML files")
     p.add_argument("--limit", type=int, default=None, help="lm-eval: examples per task")
     p.add_argument("--device", default=None, help="compute device (default: cuda if available, else cpu)")
@@ -72,6 +81,20 @@ def run(args: argparse.Namespace) -> int:
     if want_emb and causal:
         raise ValueError(f"{args.model} is a causal LM; --embeddings needs an encoder")
     results: dict = {"model": str(args.model), "reference": args.reference}
+    kv = None
+    if args.kv_bits is not None:
+        from ..runtime.kv_cache import KVCacheScheme
+
+        if not causal:
+            raise ValueError("--kv-bits needs a causal LM")
+        bits = args.kv_bits if args.kv_bits == "fp8" else int(args.kv_bits) if args.kv_bits.isdigit() else args.kv_bits
+        kv = KVCacheScheme(bits=bits, group_size=args.kv_group_size, residual=args.kv_residual, sinks=args.kv_sinks)
+        cfg = loaded.model.config.get_text_config()
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        results["kv_cache"] = kv.model_dump()
+        results["kv_bytes_per_token"] = kv.bytes_per_token(cfg.num_hidden_layers, kv_heads, head_dim)
+        results["kv_bytes_per_token_fp16"] = float(cfg.num_hidden_layers * 2 * kv_heads * head_dim * 2)
     if want_ppl:
         ids = tokenize_text(loaded.tokenizer, path=args.text, max_tokens=args.max_tokens)
         res = evaluate_language(
@@ -82,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
             stride=args.stride,
             batch_size=args.batch_size,
             progress=not args.json,
+            kv_cache=kv,
         )
         results.update(res.to_dict())
     if want_emb:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -71,9 +72,12 @@ def evaluate_language(
     stride: int | None = None,
     batch_size: int = 8,
     progress: bool = False,
+    kv_cache: Any = None,
 ) -> LanguageEval:
     """Perplexity of ``model`` on ``input_ids``; with ``reference``, also mean KL(reference || model)
     per scored token, top-1 agreement of next-token predictions, and the reference's perplexity.
+    ``kv_cache``: a :class:`~lowbit.runtime.kv_cache.KVCacheScheme` the model's attention reads its
+    keys and values through (each window in one forward pass; see that module for what it means).
 
     ``context`` defaults to 512 tokens or the model's maximum position if smaller; ``stride``
     to half the context.
@@ -85,7 +89,7 @@ def evaluate_language(
     windows = list(sliding_windows(input_ids, context, stride, batch_size))
     with ProgressReporter(progress, total=len(windows), description="evaluating") as bar:
         for w in windows:
-            logp = _log_probs(model, w.input_ids)
+            logp = _log_probs(model, w.input_ids, kv_cache)
             targets = w.input_ids[:, 1:].to(logp.device)
             mask = w.score_mask[:, :-1].to(logp.device)
             lp = logp[:, :-1][mask]  # [n, V]
@@ -106,6 +110,11 @@ def evaluate_language(
     return result
 
 
-def _log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    out = model(input_ids=ids.to(_device_of(model)), use_cache=False)
+def _log_probs(model: nn.Module, ids: torch.Tensor, kv_cache: Any = None) -> torch.Tensor:
+    if kv_cache is None:
+        out = model(input_ids=ids.to(_device_of(model)), use_cache=False)
+    else:
+        from ..runtime.kv_cache import QuantizedKVCache
+
+        out = model(input_ids=ids.to(_device_of(model)), past_key_values=QuantizedKVCache(kv_cache), use_cache=True)
     return torch.log_softmax(out.logits.float(), dim=-1)
