@@ -1,6 +1,5 @@
-"""Weights and activations: W8A8 RTN against SmoothQuant, static and dynamic activation scales,
-4-bit activations and the quantized KV cache, on reference-lm (perplexity, KL to FP) and MiniLM
-(embedding cosine to FP).
+"""Weights and activations: W8A8 RTN against SmoothQuant, static and dynamic activation scales, and
+4-bit activations, on reference-lm (perplexity, KL to FP) and MiniLM (embedding cosine to FP).
 
     python benchmarks/activations.py [--skip-minilm]
 
@@ -21,7 +20,6 @@ import lowbit
 from lowbit.calibration import as_calibration
 from lowbit.eval import embedding_fidelity, evaluate_language, tokenize_text
 from lowbit.models import load_model
-from lowbit.runtime.kv_cache import KVCacheScheme
 
 W8 = {"format": "int8", "group_size": -1}
 W4 = {"format": "int4", "group_size": 128, "symmetric": False}
@@ -86,29 +84,6 @@ def main() -> None:
         )
         print(lm_rows[-1], flush=True)
 
-    cfg = lm.model.config
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    fp16_bytes = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2
-    kv_rows = [{"KV cache": "FP16", "bytes/token": fp16_bytes, "ppl": fp.ppl, "Δppl %": 0.0}]
-    for bits in (8, 4, 3, 2):
-        for residual in (0, 32):
-            for sinks in (0, 4) if bits <= 3 else (0,):
-                scheme = KVCacheScheme(bits=bits, group_size=32, residual=residual, sinks=sinks)
-                start = time.perf_counter()
-                ev = evaluate_language(lm.model, ids, reference=lm.model, context=256, stride=256, kv_cache=scheme)
-                kv_rows.append(
-                    {
-                        "KV cache": f"INT{bits}, keys per channel / 32 tokens, values per token, "
-                        f"window {residual}, sinks {sinks}",
-                        "bytes/token": scheme.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim),
-                        "ppl": ev.ppl,
-                        "Δppl %": 100 * (ev.ppl / fp.ppl - 1),
-                        "KL": ev.kl,
-                        "seconds": time.perf_counter() - start,
-                    }
-                )
-                print(kv_rows[-1], flush=True)
-
     enc_rows = []
     if not args.skip_minilm:
         enc = load_model("minilm")
@@ -152,13 +127,6 @@ def main() -> None:
         "(dynamic); A4: INT4 per token. Head and embeddings in full precision.\n\n"
         f"## reference-lm (held-out, {fp.tokens} tokens, windows of {fp.context} tokens, stride {fp.stride})\n\n"
         + markdown_table(lm_rows, ["recipe", "ppl", "Δppl %", "KL", "top-1 agree", "seconds"], fmt)
-        + "\n\n## KV cache (reference-lm, same text; weights in full precision)\n\n"
-        "Each 256-token window goes through the model in one forward pass with the quantized cache, so every "
-        "token outside the sinks and the last `window` positions reaches every query quantized (stricter than "
-        "generation). Bytes per token: packed codes plus fp16 scales and zero-points, all layers.\n\n"
-        + markdown_table(
-            kv_rows, ["KV cache", "bytes/token", "ppl", "Δppl %", "KL", "seconds"], {**fmt, "bytes/token": ".0f"}
-        )
     )
     if enc_rows:
         body += (
@@ -173,7 +141,7 @@ def main() -> None:
         "activations",
         "Weights and activations: W8A8, SmoothQuant, W4A8, W8A4",
         body,
-        {"reference_lm": lm_rows, "kv_cache": kv_rows, "minilm": enc_rows},
+        {"reference_lm": lm_rows, "minilm": enc_rows},
     )
 
 
