@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers.cache_utils import Cache, DynamicLayer
 
-from ..formats import Quantizer, make_format, pack, unpack
+from ..formats import FormatSpec, Quantizer, make_format, pack, unpack
 from ..formats.qtensor import QuantizedTensor
 
 
@@ -55,8 +55,9 @@ class KVCacheScheme(BaseModel):
             raise ValueError("value_group_size must be positive or -1")
         return self
 
-    def format_for(self, columns: int):
-        """The element format over rows of ``columns`` values (one scale per row)."""
+    @property
+    def row_format(self) -> FormatSpec:
+        """The format of a quantized row (one scale, and for integers one zero-point, per row)."""
         if self.bits == "fp8":
             return make_format("fp8", group_size=-1)
         return make_format("int", bits=self.bits, group_size=-1, symmetric=False, zero_dtype="float16")
@@ -135,7 +136,7 @@ class QuantizedKVLayer(DynamicLayer):
         return self._dequantize(packed, q).reshape(q.shape)
 
     def _quantize(self, rows: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, QuantizedTensor]:
-        quantizer = Quantizer(self.scheme.format_for(rows.shape[-1]))
+        quantizer = Quantizer(self.scheme.row_format)
         q = quantizer.quantize(rows)
         params = QuantizedTensor(
             codes=torch.empty(0, dtype=torch.uint8),
