@@ -18,17 +18,15 @@ from common import markdown_table, write_result
 
 from lowbit.eval import evaluate_language, tokenize_text
 from lowbit.models import load_model
-from lowbit.runtime.kv_cache import KVCacheScheme
+from lowbit.runtime.kv_cache import KVCacheScheme, cache_dims, fp16_bytes_per_token
 
 
 def main() -> None:
     lm = load_model("reference-lm")
     ids = tokenize_text(lm.tokenizer)
     fp = evaluate_language(lm.model, ids, context=256, stride=256)
-    cfg = lm.model.config
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    fp16_bytes = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * head_dim * 2
-    rows = [{"KV cache": "FP16", "bytes/token": fp16_bytes, "ppl": fp.ppl, "Δppl %": 0.0, "KL": 0.0}]
+    dims = cache_dims(lm.model.config)
+    rows = [{"KV cache": "FP16", "bytes/token": fp16_bytes_per_token(*dims), "ppl": fp.ppl, "Δppl %": 0.0, "KL": 0.0}]
     for bits in (8, 4, 3, 2):
         for residual in (0, 32):
             for sinks in (0, 4) if bits <= 3 else (0,):
@@ -38,7 +36,7 @@ def main() -> None:
                 rows.append(
                     {
                         "KV cache": f"INT{bits}, window {residual}, sinks {sinks}",
-                        "bytes/token": scheme.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim),
+                        "bytes/token": scheme.bytes_per_token(*dims),
                         "ppl": ev.ppl,
                         "Δppl %": 100 * (ev.ppl / fp.ppl - 1),
                         "KL": ev.kl,

@@ -83,18 +83,16 @@ def run(args: argparse.Namespace) -> int:
     results: dict = {"model": str(args.model), "reference": args.reference}
     kv = None
     if args.kv_bits is not None:
-        from ..runtime.kv_cache import KVCacheScheme
+        from ..runtime.kv_cache import KVCacheScheme, cache_dims, fp16_bytes_per_token
 
         if not causal:
             raise ValueError("--kv-bits needs a causal LM")
-        bits = args.kv_bits if args.kv_bits == "fp8" else int(args.kv_bits) if args.kv_bits.isdigit() else args.kv_bits
+        bits = int(args.kv_bits) if args.kv_bits.isdigit() else args.kv_bits
         kv = KVCacheScheme(bits=bits, group_size=args.kv_group_size, residual=args.kv_residual, sinks=args.kv_sinks)
-        cfg = loaded.model.config.get_text_config()
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        dims = cache_dims(loaded.model.config)
         results["kv_cache"] = kv.model_dump()
-        results["kv_bytes_per_token"] = kv.bytes_per_token(cfg.num_hidden_layers, kv_heads, head_dim)
-        results["kv_bytes_per_token_fp16"] = float(cfg.num_hidden_layers * 2 * kv_heads * head_dim * 2)
+        results["kv_bytes_per_token"] = kv.bytes_per_token(*dims)
+        results["kv_bytes_per_token_fp16"] = float(fp16_bytes_per_token(*dims))
     if want_ppl:
         ids = tokenize_text(loaded.tokenizer, path=args.text, max_tokens=args.max_tokens)
         res = evaluate_language(

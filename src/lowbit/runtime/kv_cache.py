@@ -17,6 +17,7 @@ not implemented.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -57,9 +58,10 @@ class KVCacheScheme(BaseModel):
 
     @property
     def row_format(self) -> FormatSpec:
-        """The format of a quantized row (one scale, and for integers one zero-point, per row)."""
+        """The format of a quantized row: one fp16 scale (and for integers one fp16 zero-point) per row,
+        as the cache stores them."""
         if self.bits == "fp8":
-            return make_format("fp8", group_size=-1)
+            return make_format("fp8", group_size=-1, scale_dtype="float16")
         return make_format("int", bits=self.bits, group_size=-1, symmetric=False, zero_dtype="float16")
 
     @property
@@ -75,6 +77,23 @@ class KVCacheScheme(BaseModel):
         return layers * (keys + values)
 
 
+@dataclass
+class _Group:
+    """One quantized group of tokens: packed codes ``[rows, words]`` and the fp16 scale (and zero-point)
+    of each row; ``shape`` is the group's ``[B, H, G, D]``."""
+
+    packed: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    spec: FormatSpec
+    row_length: int
+    shape: tuple[int, ...]
+
+    def nbytes(self) -> int:
+        tensors = [self.packed, self.scale] + ([] if self.zero is None else [self.zero])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
 class QuantizedKVLayer(DynamicLayer):
     """One attention layer's cache: sinks and the recent tail in full precision, the rest packed."""
 
@@ -84,8 +103,8 @@ class QuantizedKVLayer(DynamicLayer):
         self.length = 0
         self.sink_keys: torch.Tensor | None = None
         self.sink_values: torch.Tensor | None = None
-        self._key_groups: list[tuple[torch.Tensor, QuantizedTensor]] = []  # (packed codes, params)
-        self._value_groups: list[tuple[torch.Tensor, QuantizedTensor]] = []
+        self._key_groups: list[_Group] = []
+        self._value_groups: list[_Group] = []
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -111,62 +130,52 @@ class QuantizedKVLayer(DynamicLayer):
     def _all(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         parts_k = [] if self.sink_keys is None else [self.sink_keys]
         parts_v = [] if self.sink_values is None else [self.sink_values]
-        parts_k += [self._dequantize_keys(*group).to(dtype) for group in self._key_groups]
-        parts_v += [self._dequantize_values(*group).to(dtype) for group in self._value_groups]
+        parts_k += [self._dequantize_keys(group).to(dtype) for group in self._key_groups]
+        parts_v += [self._dequantize_values(group).to(dtype) for group in self._value_groups]
         return torch.cat([*parts_k, self.keys], dim=-2), torch.cat([*parts_v, self.values], dim=-2)
 
     # keys: [B, H, G, D] -> rows are (b, h, d) over the G tokens of the group
-    def _quantize_keys(self, k: torch.Tensor) -> tuple[torch.Tensor, QuantizedTensor]:
-        rows = k.float().permute(0, 1, 3, 2).reshape(-1, k.shape[-2])
-        return self._quantize(rows, k.shape)
+    def _quantize_keys(self, k: torch.Tensor) -> _Group:
+        return self._quantize(k.float().permute(0, 1, 3, 2).reshape(-1, k.shape[-2]), k.shape)
 
-    def _dequantize_keys(self, packed: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
-        b, h, g, d = q.shape
-        return self._dequantize(packed, q).reshape(b, h, d, g).permute(0, 1, 3, 2)
+    def _dequantize_keys(self, group: _Group) -> torch.Tensor:
+        b, h, g, d = group.shape
+        return self._dequantize(group).reshape(b, h, d, g).permute(0, 1, 3, 2)
 
     # values: [B, H, G, D] -> rows are (b, h, token, value group)
-    def _quantize_values(self, v: torch.Tensor) -> tuple[torch.Tensor, QuantizedTensor]:
+    def _quantize_values(self, v: torch.Tensor) -> _Group:
         d = v.shape[-1]
         size = d if self.scheme.value_group_size == -1 else self.scheme.value_group_size
         if d % size:
             raise ValueError(f"value_group_size {size} does not divide the head dimension {d}")
         return self._quantize(v.float().reshape(-1, size), v.shape)
 
-    def _dequantize_values(self, packed: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
-        return self._dequantize(packed, q).reshape(q.shape)
+    def _dequantize_values(self, group: _Group) -> torch.Tensor:
+        return self._dequantize(group).reshape(group.shape)
 
-    def _quantize(self, rows: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, QuantizedTensor]:
-        quantizer = Quantizer(self.scheme.row_format)
-        q = quantizer.quantize(rows)
-        params = QuantizedTensor(
-            codes=torch.empty(0, dtype=torch.uint8),
-            scale=q.scale.to(torch.float16),
-            zero=None if q.zero is None else q.zero.to(torch.float16),
-            global_scale=None,
-            spec=q.spec,
-            shape=tuple(shape),
-        )
-        return pack(q.codes, q.spec.bits, torch.int32), params
+    def _quantize(self, rows: torch.Tensor, shape: torch.Size) -> _Group:
+        q = Quantizer(self.scheme.row_format).quantize(rows)  # fp16 parameters: stored as they were used
+        zero = None if q.zero is None else q.zero.to(torch.float16)
+        packed = pack(q.codes, q.spec.bits, torch.int32)
+        return _Group(packed, q.scale.to(torch.float16), zero, q.spec, rows.shape[1], tuple(shape))
 
-    def _dequantize(self, packed: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
-        rows = packed.shape[0]
-        n = _row_length(q)
-        codes = unpack(packed, q.spec.bits, n, torch.int32)
-        zero = None if q.zero is None else q.zero.float()
-        return Quantizer(q.spec).dequantize(QuantizedTensor(codes, q.scale.float(), zero, None, q.spec, (rows, n)))
+    @staticmethod
+    def _dequantize(group: _Group) -> torch.Tensor:
+        rows, n = group.packed.shape[0], group.row_length
+        codes = unpack(group.packed, group.spec.bits, n, torch.int32)
+        zero = None if group.zero is None else group.zero.float()
+        q = QuantizedTensor(codes, group.scale.float(), zero, None, group.spec, (rows, n))
+        return Quantizer(group.spec).dequantize(q)
 
     def get_seq_length(self) -> int:
         return self.length if self.is_initialized else 0
 
     def nbytes(self) -> int:
         """Bytes this layer holds: packed codes, scales and zero-points, and full-precision tokens."""
-        total = sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
-        for t in (self.sink_keys, self.sink_values):
-            total += 0 if t is None else t.numel() * t.element_size()
-        for packed, q in [*self._key_groups, *self._value_groups]:
-            total += packed.numel() * packed.element_size() + q.scale.numel() * 2
-            total += 0 if q.zero is None else q.zero.numel() * 2
-        return total
+        dense = [t for t in (self.keys, self.values, self.sink_keys, self.sink_values) if t is not None]
+        return sum(t.numel() * t.element_size() for t in dense) + sum(
+            g.nbytes() for g in [*self._key_groups, *self._value_groups]
+        )
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError("a quantized KV cache cannot be cropped (assisted decoding needs a DynamicCache)")
@@ -175,10 +184,18 @@ class QuantizedKVLayer(DynamicLayer):
         raise NotImplementedError("beam search with a quantized KV cache is not supported")
 
 
-def _row_length(q: QuantizedTensor) -> int:
-    """Elements per quantized row: the group's elements over its rows (one scale per row)."""
-    b, h, g, d = q.shape
-    return b * h * g * d // q.scale.shape[0]
+def cache_dims(config) -> tuple[int, int, int]:
+    """``(layers, KV heads, head dimension)`` of a transformers model config: what a KV cache holds
+    per token."""
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    return cfg.num_hidden_layers, kv_heads, head_dim
+
+
+def fp16_bytes_per_token(layers: int, kv_heads: int, head_dim: int) -> int:
+    """Bytes per token of an unquantized fp16 cache (keys and values, all layers)."""
+    return layers * 2 * kv_heads * head_dim * 2
 
 
 class QuantizedKVCache(Cache):
