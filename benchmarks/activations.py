@@ -11,12 +11,9 @@ in full precision). Writes results/activations.md and .json.
 from __future__ import annotations
 
 import argparse
-import copy
-import time
 
-from common import markdown_table, write_result
+from common import markdown_table, quantized_copy, write_result
 
-import lowbit
 from lowbit.calibration import as_calibration
 from lowbit.eval import embedding_fidelity, evaluate_language, tokenize_text
 from lowbit.models import load_model
@@ -67,10 +64,7 @@ def main() -> None:
     fp = evaluate_language(lm.model, ids, context=256, stride=256)
     lm_rows = [{"recipe": "FP", "ppl": fp.ppl, "Δppl %": 0.0, "KL": 0.0, "top-1 agree": 1.0}]
     for label, recipe in recipes().items():
-        model = copy.deepcopy(lm.model)
-        start = time.perf_counter()
-        lowbit.quantize(model, recipe, calibration=calib, progress=False)
-        seconds = time.perf_counter() - start
+        model, _, seconds = quantized_copy(lm.model, recipe, calib, progress=False)
         ev = evaluate_language(model, ids, reference=lm.model, context=256, stride=256)
         lm_rows.append(
             {
@@ -93,10 +87,7 @@ def main() -> None:
         for label, recipe in recipes().items():
             if "GPTQ" in label:
                 continue
-            model = copy.deepcopy(enc.model)
-            start = time.perf_counter()
-            lowbit.quantize(model, recipe, calibration=enc_calib, progress=False)
-            seconds = time.perf_counter() - start
+            model, _, seconds = quantized_copy(enc.model, recipe, enc_calib, progress=False)
             fid = embedding_fidelity(model, enc.model, enc.tokenizer)
             enc_rows.append(
                 {

@@ -9,12 +9,9 @@ split (Julius Caesar, Twelfth Night) for reference-lm, the 560-sentence set for 
 from __future__ import annotations
 
 import argparse
-import copy
-import time
 
-from common import markdown_table, write_result
+from common import markdown_table, quantized_copy, write_result
 
-import lowbit
 from lowbit.algorithms import AWQ, GPTQ, HQQ, RTN
 from lowbit.calibration import as_calibration
 from lowbit.eval import embedding_fidelity, evaluate_language, tokenize_text
@@ -49,10 +46,7 @@ def main() -> None:
     lm_rows = [{"bits": "FP", "method": "-", "ppl": fp.ppl, "Δppl": 0.0, "KL": 0.0, "top-1 agree": 1.0}]
     for label, bits, gs in BITS:
         for method, recipe in recipes(bits, gs).items():
-            model = copy.deepcopy(lm.model)
-            start = time.perf_counter()
-            res = lowbit.quantize(model, recipe, calibration=calib)
-            seconds = time.perf_counter() - start
+            model, res, seconds = quantized_copy(lm.model, recipe, calib)
             ev = evaluate_language(model, ids, reference=lm.model, context=256, stride=256)
             lm_rows.append(
                 {
@@ -76,10 +70,7 @@ def main() -> None:
         )
         for label, bits, gs in BITS:
             for method, recipe in recipes(bits, gs).items():
-                model = copy.deepcopy(enc.model)
-                start = time.perf_counter()
-                res = lowbit.quantize(model, recipe, calibration=enc_calib)
-                seconds = time.perf_counter() - start
+                model, res, seconds = quantized_copy(enc.model, recipe, enc_calib)
                 fid = embedding_fidelity(model, enc.model, enc.tokenizer)
                 enc_rows.append(
                     {

@@ -35,6 +35,7 @@ from pydantic import Field
 from torch import nn
 
 from ..formats import QParams, Quantizer
+from ..formats.activations import random_rows
 from ..models import set_weight, weight_of
 from ..pipeline.tensors import first_tensor, to_device
 from .base import EstimateInputs, Step, StepEstimate, WeightQuantConfig, match_name, register_step
@@ -97,10 +98,7 @@ class _InputStatistics:
         self.generator = torch.Generator().manual_seed(seed)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1])
-        if self.fraction < 1.0:
-            keep = max(1, round(self.fraction * x.shape[0]))
-            x = x[torch.randperm(x.shape[0], generator=self.generator)[:keep].to(x.device)]
+        x = random_rows(x.detach().reshape(-1, x.shape[-1]), self.fraction, self.generator)
         self.abs_sum += x.abs().sum(0, dtype=torch.float64)
         self.hessian.add(x)
 

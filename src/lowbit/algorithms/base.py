@@ -13,10 +13,11 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator
 
 from ..formats import FormatSpec, make_format
-from ..formats.activations import ActivationScheme
+from ..formats.activations import ActivationScheme, StaticObserver, attach_input_quantizer
 
 if TYPE_CHECKING:
     from ..pipeline.unit import Unit
@@ -221,10 +222,6 @@ class Step:
 def attach_activation_quantizers(unit: Unit, layers: dict[str, Any], scheme: ActivationScheme) -> None:
     """Attach ``scheme``'s input quantizer to ``layers`` of ``unit``, static scales calibrated first
     (all layers in one pass over the calibration inputs, before any of them quantizes its input)."""
-    import torch
-
-    from ..formats.activations import StaticObserver, attach_input_quantizer
-
     scales: dict[str, torch.Tensor | None] = dict.fromkeys(layers)
     if not scheme.dynamic:
         if not unit.has_calibration:

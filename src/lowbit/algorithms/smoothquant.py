@@ -27,7 +27,7 @@ import torch
 from pydantic import Field, field_validator
 
 from ..formats import FormatSpec, Quantizer, make_format
-from ..formats.activations import ActivationScheme, StaticObserver
+from ..formats.activations import ActivationScheme, StaticObserver, random_rows
 from ..models import is_linear, weight_of
 from .base import EstimateInputs, Step, StepConfig, StepEstimate, register_step
 from .folding import divide_producer_outputs, multiply_consumer_inputs
@@ -94,7 +94,7 @@ class SmoothQuant(Step):
 
     def apply(self, unit) -> None:
         cfg: SmoothQuantConfig = self.config
-        selected = unit.select(cfg, include_quantized=False)
+        selected = unit.select(cfg)
         if not selected or not unit.has_calibration:
             return
         fraction = min(1.0, cfg.max_tokens / max(1, unit.inputs.tokens()))
@@ -186,7 +186,4 @@ class _ChannelStatistics:
         m = x.abs().amax(0)
         self.x_max = m if self.x_max is None else torch.maximum(self.x_max, m)
         if self.keep_tokens:
-            if self.fraction < 1.0:
-                keep = max(1, round(self.fraction * x.shape[0]))
-                x = x[torch.randperm(x.shape[0], generator=self.generator)[:keep].to(x.device)]
-            self.samples.append(x)
+            self.samples.append(random_rows(x, self.fraction, self.generator))

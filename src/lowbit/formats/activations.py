@@ -54,9 +54,13 @@ class ActivationScheme(BaseModel):
     percentile: float = Field(99.99, gt=50.0, le=100.0)
     max_tokens: int = Field(65536, ge=16)
 
+    @property
+    def _key(self) -> str:
+        return self.format.lower().replace("-", "_")
+
     @model_validator(mode="after")
     def _check(self) -> ActivationScheme:
-        key = self.format.lower().replace("-", "_")
+        key = self._key
         spec = self.spec  # raises for unknown formats
         if spec.kind not in ("int", "fp"):
             raise ValueError(f"format {self.format!r}: activations are quantized to INT or FP formats")
@@ -70,7 +74,7 @@ class ActivationScheme(BaseModel):
 
     @property
     def spec(self) -> FormatSpec:
-        key = self.format.lower().replace("-", "_")
+        key = self._key
         if key in _GROUPED:
             return make_format(key)
         # scales of activations are computed in float32 at run time and never stored rounded
@@ -89,8 +93,7 @@ class ActivationScheme(BaseModel):
 
     def compressed_tensors_args(self) -> dict[str, Any]:
         """compressed-tensors' ``QuantizationArgs`` for these inputs (as a dict)."""
-        spec = self.spec
-        key = self.format.lower().replace("-", "_")
+        spec, key = self.spec, self._key
         args: dict[str, Any] = {
             "num_bits": spec.bits,
             "type": "int" if spec.kind == "int" else "float",
@@ -134,8 +137,7 @@ class InputQuantizer(nn.Module):
         if static_scale is None:
             raise RuntimeError("a static activation scheme needs the layer's input_scale")
         flat, p = x.detach().float().reshape(1, 1, -1), QParams(static_scale.float().reshape(1, 1, 1))
-        dq = self.quantizer.decode(self.quantizer.encode(flat, p), p).reshape(x.shape).to(x.dtype)
-        return straight_through(x, dq)
+        return straight_through(x, self.quantizer.quantize_dequantize(flat, p).reshape(x.shape).to(x.dtype))
 
     def extra_repr(self) -> str:
         return self.scheme.label()
@@ -180,10 +182,7 @@ class StaticObserver:
         x = x.detach().reshape(-1, x.shape[-1]).float().cpu()
         self.amax = torch.maximum(self.amax, x.abs().max())
         if self.scheme.observer != "minmax":
-            if self.fraction < 1.0:
-                keep = max(1, round(self.fraction * x.shape[0]))
-                x = x[torch.randperm(x.shape[0], generator=self.generator)[:keep]]
-            self.samples.append(x)
+            self.samples.append(random_rows(x, self.fraction, self.generator))
 
     def scale(self) -> torch.Tensor:
         """The per-tensor scale: the chosen range divided by the grid's largest magnitude."""
@@ -194,16 +193,23 @@ class StaticObserver:
         if self.scheme.observer == "percentile":
             k = max(1, min(values.numel(), round(values.numel() * self.scheme.percentile / 100)))
             return (values.kthvalue(k).values / top).clamp(min=1e-12)
-        signed = torch.cat(self.samples).flatten()
+        flat = torch.cat(self.samples).reshape(1, 1, -1)
         best, best_err = self.amax / top, float("inf")
         for i in range(40):  # clip ratios 1.0 ... 0.2 of the absmax
             scale = (self.amax * (1 - 0.02 * i) / top).clamp(min=1e-12)
-            p = QParams(scale.reshape(1, 1, 1))
-            flat = signed.reshape(1, 1, -1)
-            err = float((self.quantizer.decode(self.quantizer.encode(flat, p), p) - flat).pow(2).sum())
+            err = float((self.quantizer.quantize_dequantize(flat, QParams(scale.reshape(1, 1, 1))) - flat).pow(2).sum())
             if err < best_err:
                 best, best_err = scale, err
         return best
+
+
+def random_rows(x: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """A seeded random ``fraction`` of the rows (tokens) of ``x`` (at least one; all when ``fraction >= 1``),
+    how calibration statistics are taken from a subset of the tokens."""
+    if fraction >= 1.0:
+        return x
+    keep = max(1, round(fraction * x.shape[0]))
+    return x[torch.randperm(x.shape[0], generator=generator)[:keep].to(x.device)]
 
 
 def grid_max(quantizer: Quantizer) -> float:

@@ -27,26 +27,30 @@ _SCALE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloa
 
 def quantized_layers(
     config: Mapping[str, Any] | None, model: nn.Module, stored_dtype
-) -> tuple[Layout, dict[str, FormatSpec]] | None:
-    """The layout and the format of every quantized linear (``None``: a plain checkpoint).
-    ``stored_dtype(layer, leaf)`` gives the dtype of a layer's stored tensor (``None`` if absent)."""
+) -> tuple[Layout, dict[str, FormatSpec], dict[str, ActivationScheme]] | None:
+    """The layout, the format of every quantized linear and how those that quantize their inputs do
+    it (``None``: a plain checkpoint). ``stored_dtype(layer, leaf)`` gives the dtype of a layer's
+    stored tensor (``None`` if absent)."""
     if not config:
         return None
     method = config.get("quant_method")
     if method == "lowbit":
-        return LowbitPackedLayout(), specs_of(config)
+        return LowbitPackedLayout(), specs_of(config), activation_schemes_of(config)
     if method == "compressed-tensors":
-        return CompressedTensorsLayout(), _compressed_tensors_specs(config, model, stored_dtype)
+        return CompressedTensorsLayout(), *_compressed_tensors_schemes(config, model, stored_dtype)
     if method in ("gptq", "awq"):
         names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and stored_dtype(n, "qweight")]
-        return (gptq_specs if method == "gptq" else awq_specs)(config, names)
+        return *(gptq_specs if method == "gptq" else awq_specs)(config, names), {}
     raise ModelLoadError(
         f"lowbit cannot read checkpoints quantized with {method!r} "
         "(it reads compressed-tensors, GPTQ, AutoAWQ GEMM and its own layout)"
     )
 
 
-def _compressed_tensors_specs(config: Mapping[str, Any], model: nn.Module, stored_dtype) -> dict[str, FormatSpec]:
+def _compressed_tensors_schemes(
+    config: Mapping[str, Any], model: nn.Module, stored_dtype
+) -> tuple[dict[str, FormatSpec], dict[str, ActivationScheme]]:
+    """Weight formats and input schemes of the linears the config groups match (one matching pass)."""
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.utils.match import match_named_modules, match_targets
 
@@ -60,38 +64,18 @@ def _compressed_tensors_specs(config: Mapping[str, Any], model: nn.Module, store
     for scheme in parsed.config_groups.values():
         for target in scheme.targets:
             by_target[target] = scheme
-    specs = {}
+    specs, activations = {}, {}
     for name, module in match_named_modules(model, by_target, parsed.ignore):
         if not isinstance(module, nn.Linear):
             continue
         scheme = by_target[match_targets(name, module, by_target)[0]]
         specs[name] = _spec_of(name, scheme.weights.model_dump(), stored_dtype(name, "weight_scale") or torch.float32)
-    return specs
-
-
-def activation_schemes(config: Mapping[str, Any] | None, model: nn.Module) -> dict[str, ActivationScheme]:
-    """Layer name -> how the layer quantizes its inputs, for checkpoints that record it (lowbit's
-    layout, compressed-tensors' ``input_activations``)."""
-    if not config:
-        return {}
-    if config.get("quant_method") == "lowbit":
-        return activation_schemes_of(config)
-    if config.get("quant_method") != "compressed-tensors":
-        return {}
-    from compressed_tensors.quantization import QuantizationConfig
-    from compressed_tensors.utils.match import match_named_modules, match_targets
-
-    parsed = QuantizationConfig.model_validate(dict(config))
-    by_target = {t: scheme for scheme in parsed.config_groups.values() for t in scheme.targets}
-    schemes = {}
-    for name, module in match_named_modules(model, by_target, parsed.ignore):
-        act = by_target[match_targets(name, module, by_target)[0]].input_activations
-        if act is not None and isinstance(module, nn.Linear):
+        if scheme.input_activations is not None:
             try:
-                schemes[name] = ActivationScheme.from_compressed_tensors(act.model_dump())
+                activations[name] = ActivationScheme.from_compressed_tensors(scheme.input_activations.model_dump())
             except ValueError as exc:
                 raise ModelLoadError(f"{name}: {exc}") from None
-    return schemes
+    return specs, activations
 
 
 def _spec_of(name: str, args: Mapping[str, Any], scale_dtype: torch.dtype) -> FormatSpec:

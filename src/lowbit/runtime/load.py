@@ -21,7 +21,7 @@ from ..formats import Quantizer
 from ..formats.activations import ActivationScheme, attach_input_quantizer
 from ..models.lazy import LazyModel
 from ..models.loading import LoadedModel, ModelLoadError, resolve_model_path
-from .checkpoint import activation_schemes, quantized_layers
+from .checkpoint import quantized_layers
 from .packed_linear import PackedLinear, crossover_rows
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,7 @@ def load(
     model = lazy.model
     _unfuse_experts(lazy)
     found = quantized_layers(config.get("quantization_config"), model, lambda n, leaf: _stored_dtype(lazy, n, leaf))
-    layout, specs = found if found is not None else (None, {})
-    schemes = activation_schemes(config.get("quantization_config"), model)  # matched while layers are nn.Linear
+    layout, specs, schemes = found if found is not None else (None, {}, {})
     stems = {name: lazy.checkpoint_name(f"{name}.weight").removesuffix("weight") for name in specs}
     skip = {f"{name}.weight" for name in specs}
     lazy.materialize(model, "", skip=skip)
