@@ -93,7 +93,8 @@ def main() -> None:
             model = cut_model(model, args.blocks, Path(tmp) / "model")
         out = Path(tmp) / "out"
         step = GPTQ(format="int4", group_size=128, symmetric=False)
-        options = PipelineOptions(progress=False, sanity_samples=2, batch_size=args.batch_size)
+        # as `lowbit quantize` runs a checkpoint of 1 GiB or more (the cut copy is smaller)
+        options = PipelineOptions(progress=False, sanity_samples=2, batch_size=args.batch_size, tune_allocator=True)
         quantize_checkpoint(model, [step], out, n_samples=16, seq_len=512, options=options, force=True)
         shutil.rmtree(out, ignore_errors=True)
     done.set()

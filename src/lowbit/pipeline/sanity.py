@@ -197,13 +197,14 @@ def final_report(
     return sanity.report(head_fn, options.sanity, generated, nonfinite, prompt)
 
 
-def _upcast_head(norm: nn.Module | None, head: nn.Linear, dtype: torch.dtype, budget: int = 512 * 2**20):
+def _upcast_head(norm: nn.Module | None, head: nn.Linear, dtype: torch.dtype, budget: int = 64 * 2**20):
     """The head's logits computed in ``dtype``: the head cast once when that copy fits ``budget``
-    bytes, else a slice of the vocabulary at a time on every call (a 128k vocabulary is 2 GiB in
-    float32 at hidden 4096)."""
+    bytes, else a slice of the vocabulary at a time (each slice within ``budget``) on every call.
+    A 32k vocabulary at hidden 2048 is 0.25 GiB in float32: cast whole, it set a streaming run's
+    peak; the few calls of the final check each cast it again in slices instead."""
     w, b = head.weight, head.bias
     itemsize = torch.empty((), dtype=dtype).element_size()
-    rows = w.shape[0] if w.numel() * itemsize <= budget else 8192
+    rows = min(w.shape[0], max(1, budget // (w.shape[1] * itemsize)))
     cast = [] if rows < w.shape[0] else [w.to(dtype), None if b is None else b.to(dtype)]
 
     def logits(h: torch.Tensor) -> torch.Tensor:
