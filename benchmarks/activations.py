@@ -1,4 +1,4 @@
-"""Weights and activations: W8A8 RTN against SmoothQuant, static and dynamic activation scales, and
+"""Weights and activations: W8A8 RTN against SmoothQuant and Outlier Suppression+, static and dynamic activation scales, and
 4-bit activations, on reference-lm (perplexity, KL to FP) and MiniLM (embedding cosine to FP).
 
     python benchmarks/activations.py [--skip-minilm]
@@ -42,12 +42,21 @@ def recipes() -> dict[str, list]:
             {"smoothquant": {"alpha": "search"}},
             rtn(W8, A8_TENSOR),
         ],
+        "W8A8 OS+ (search) + RTN, per-tensor static": [{"os_plus": {}}, rtn(W8, A8_TENSOR)],
         "W8A8 RTN, per-token dynamic": [rtn(W8, A8_TOKEN)],
         "W8A8 SmoothQuant a=0.5 + RTN, per-token dynamic": [{"smoothquant": {"alpha": 0.5}}, rtn(W8, A8_TOKEN)],
+        "W8A8 OS+ (search) + RTN, per-token dynamic": [
+            {"os_plus": {"search_activations": A8_TOKEN}},
+            rtn(W8, A8_TOKEN),
+        ],
         "W4A8 GPTQ, per-token dynamic": [gptq(W4, A8_TOKEN)],
         "W4A8 SmoothQuant a=0.5 + GPTQ, per-token dynamic": [{"smoothquant": {"alpha": 0.5}}, gptq(W4, A8_TOKEN)],
         "W8A4 RTN, per-token dynamic": [rtn(W8, A4_TOKEN)],
         "W8A4 SmoothQuant a=0.5 + RTN, per-token dynamic": [{"smoothquant": {"alpha": 0.5}}, rtn(W8, A4_TOKEN)],
+        "W8A4 OS+ (search) + RTN, per-token dynamic": [
+            {"os_plus": {"search_activations": A4_TOKEN}},
+            rtn(W8, A4_TOKEN),
+        ],
     }
 
 
@@ -123,14 +132,14 @@ def main() -> None:
         body += (
             f"\n\n## MiniLM (560 sentences; calibration {enc_calib.describe()})\n\n"
             "BERT is post-LN: the norm before q/k/v and before the MLP also feeds the residual, so SmoothQuant "
-            "can only fold into value -> attention output here.\n\n"
+            "and OS+ can only fold into value -> attention output here.\n\n"
             + markdown_table(
                 enc_rows, ["recipe", "cosine mean", "1 - cosine", "cosine min", "top-10 overlap", "seconds"], fmt
             )
         )
     write_result(
         "activations",
-        "Weights and activations: W8A8, SmoothQuant, W4A8, W8A4",
+        "Weights and activations: W8A8, SmoothQuant, OS+, W4A8, W8A4",
         body,
         {"reference_lm": lm_rows, "minilm": enc_rows},
     )

@@ -69,11 +69,11 @@ class SmoothQuantConfig(StepConfig):
     @field_validator("search_weights")
     @classmethod
     def _weights(cls, v: str | dict) -> str | dict:
-        _weight_spec(v)  # raises with the reason
+        weight_spec(v)  # raises with the reason
         return v
 
 
-def _weight_spec(v: str | dict) -> FormatSpec:
+def weight_spec(v: str | dict) -> FormatSpec:
     if isinstance(v, str):
         return make_format(v, group_size=-1)
     data = dict(v)
@@ -122,18 +122,15 @@ class SmoothQuant(Step):
     def _search(self, stats: _ChannelStatistics, weights: list[torch.Tensor], w_max: torch.Tensor) -> float:
         cfg: SmoothQuantConfig = self.config
         x = torch.cat(stats.samples).to(w_max.device)
-        w_quantizer = Quantizer(_weight_spec(cfg.search_weights))
-        a_scheme = cfg.search_activations
+        w_quantizer = Quantizer(weight_spec(cfg.search_weights))
         reference = [x @ w.T for w in weights]
         best, best_err = 0.0, float("inf")
         for i in range(cfg.grid + 1):
             alpha = i / cfg.grid
             s = smoothing_factors(stats.x_max.to(w_max.device), w_max, alpha)
-            xq = _fake_quant_inputs(x / s, a_scheme)
-            err = 0.0
-            for w, ref in zip(weights, reference):
-                wq = w_quantizer.dequantize(w_quantizer.quantize(w * s))
-                err += float((xq @ wq.T - ref).pow(2).sum())
+            err = quantized_output_error(
+                x / s, [w * s for w in weights], reference, w_quantizer, cfg.search_activations
+            )
             if err < best_err:
                 best, best_err = alpha, err
         return best
@@ -159,7 +156,24 @@ def smoothing_factors(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float) ->
     return torch.where(dead, torch.ones_like(s), s.clamp(min=1e-5))
 
 
-def _fake_quant_inputs(x: torch.Tensor, scheme: ActivationScheme) -> torch.Tensor:
+def quantized_output_error(
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    reference: list[torch.Tensor],
+    w_quantizer: Quantizer,
+    scheme: ActivationScheme,
+) -> float:
+    """``sum_i || Q_a(x) Q_w(W_i)^T - reference_i ||^2``: a group's output error with quantized
+    weights and inputs (``x`` and ``W_i`` already transformed; ``reference_i`` the original outputs)."""
+    xq = fake_quant_inputs(x, scheme)
+    err = 0.0
+    for w, ref in zip(weights, reference):
+        wq = w_quantizer.dequantize(w_quantizer.quantize(w))
+        err += float((xq @ wq.T - ref).pow(2).sum())
+    return err
+
+
+def fake_quant_inputs(x: torch.Tensor, scheme: ActivationScheme) -> torch.Tensor:
     from ..formats.activations import InputQuantizer
 
     quantizer = InputQuantizer(scheme)

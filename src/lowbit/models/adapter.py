@@ -21,6 +21,7 @@ class ResolvedGroup:
     inspect_name: str | None
     inspect: nn.Module | None
     stage: str | None = None
+    shift_passes: bool = False
 
 
 def get_submodule(root: nn.Module, path: str) -> nn.Module | None:
@@ -149,6 +150,7 @@ class ModelAdapter:
             inspect_name=group.inspect if inspect is not None else None,
             inspect=inspect,
             stage=group.stage,
+            shift_passes=group.shift_passes,
         )
 
     # ------------------------------------------------------------------ head

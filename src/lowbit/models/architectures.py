@@ -36,12 +36,17 @@ class LinearGroup:
             after scaling); defaults to the linears' own outputs.
         stage: groups with the same stage are independent of each other (e.g. the experts of a
             MoE block) and can be calibrated in one pass.
+        shift_passes: a constant added to ``prev``'s output (a linear) reaches the linears' input
+            unchanged, so a per-channel shift can be folded too (Outlier Suppression+): v -> o
+            through attention, whose weights sum to one; not through a gate or an activation.
+            Norms always pass a shift (into their bias).
     """
 
     linears: tuple[str, ...]
     prev: str | None = None
     inspect: str | None = None
     stage: str | None = None
+    shift_passes: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,7 @@ def _llama_like(
         block_paths=("model.layers", "layers", "model.language_model.layers"),
         groups=(
             LinearGroup(_ATTN_QKV, prev="input_layernorm", inspect="self_attn"),
-            LinearGroup(("self_attn.o_proj",), prev="self_attn.v_proj"),
+            LinearGroup(("self_attn.o_proj",), prev="self_attn.v_proj", shift_passes=True),
             LinearGroup(_MLP_GATE_UP, prev=mlp_norm, inspect="mlp"),
             LinearGroup(("mlp.down_proj",), prev="mlp.up_proj"),
         ),
@@ -160,7 +165,7 @@ register_architecture(
         block_paths=("model.decoder.layers", "decoder.layers"),
         groups=(
             LinearGroup(_ATTN_QKV, prev="self_attn_layer_norm", inspect="self_attn"),
-            LinearGroup(("self_attn.out_proj",), prev="self_attn.v_proj"),
+            LinearGroup(("self_attn.out_proj",), prev="self_attn.v_proj", shift_passes=True),
             # ReLU is positively homogeneous, so fc1's output rows can absorb fc2's input scale.
             LinearGroup(("fc1",), prev="final_layer_norm"),
             LinearGroup(("fc2",), prev="fc1"),
@@ -207,7 +212,7 @@ register_architecture(
         groups=(
             # Post-LN: the norm before q/k/v also feeds the residual, so nothing can be folded into it.
             LinearGroup(("attention.self.query", "attention.self.key", "attention.self.value")),
-            LinearGroup(("attention.output.dense",), prev="attention.self.value"),
+            LinearGroup(("attention.output.dense",), prev="attention.self.value", shift_passes=True),
             LinearGroup(("intermediate.dense",)),
             LinearGroup(("output.dense",)),
         ),
@@ -219,7 +224,7 @@ register_architecture(
 
 _MOE_ATTN = (
     LinearGroup(_ATTN_QKV, prev="input_layernorm", inspect="self_attn"),
-    LinearGroup(("self_attn.o_proj",), prev="self_attn.v_proj"),
+    LinearGroup(("self_attn.o_proj",), prev="self_attn.v_proj", shift_passes=True),
 )
 register_architecture(
     Architecture(
