@@ -77,6 +77,39 @@ def test_resume_refuses_a_changed_recipe(tiny_lm_dir, tmp_path):
     assert run.resumed_from_block == 0 and run.out_dir.exists()
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_a_resumed_run_checks_the_blocks_before_the_resume_with_their_input_quantizers(
+    tiny_lm_dir, tmp_path, monkeypatch, dynamic
+):
+    """The final sanity check of a resumed W8A8 run runs the blocks finished before the interruption
+    as they are saved (inputs quantized, static scales read from their shards): its KL and greedy
+    continuation equal those of an uninterrupted run (the KL comes from the held-back samples' hidden
+    states saved with the progress; the generation runs every block again)."""
+    from lowbit.export.shards import ShardWriter
+
+    acts = {"format": "int4", "dynamic": dynamic}  # coarse enough to change the greedy continuation
+    recipe = [RTN(format="int8", group_size=-1, input_activations=acts)]
+    opts = PipelineOptions(progress=False, sanity_samples=2)
+    kwargs = {"n_samples": 8, "seq_len": 64, "options": opts, "force": True}
+    reference = quantize_checkpoint(tiny_lm_dir, recipe, tmp_path / "ref", **kwargs)
+
+    original = ShardWriter.write
+
+    def crash_on_second_block(self, stem, tensors):
+        if stem == "block-00001":
+            raise RuntimeError("disk on fire")
+        return original(self, stem, tensors)
+
+    monkeypatch.setattr(ShardWriter, "write", crash_on_second_block)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        quantize_checkpoint(tiny_lm_dir, recipe, tmp_path / "out", **kwargs)
+    monkeypatch.setattr(ShardWriter, "write", original)
+    resumed = quantize_checkpoint(tiny_lm_dir, recipe, tmp_path / "out", **kwargs)
+    assert resumed.resumed_from_block == 1
+    assert resumed.sanity.kl == reference.sanity.kl > 0
+    assert resumed.sanity.generated_ids == reference.sanity.generated_ids
+
+
 def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
     model = save_tiny_lm(tmp_path / "m", layers=12, hidden=128, intermediate=256)
     cmd = [

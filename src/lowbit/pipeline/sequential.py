@@ -19,13 +19,14 @@ from torch import nn
 
 from ..algorithms.base import Step
 from ..calibration import CalibrationData, CalibrationError
+from ..formats.activations import attach_input_quantizer
 from ..models import ModelAdapter
 from ..models.loading import model_kind
 from .capture import capture_first_block_inputs
 from .generation import generate_with_store, logits_of
 from .memory import return_freed_memory_promptly, trim
 from .options import PipelineOptions
-from .plan import NonFiniteError, check_finite_weights, check_plan, mark_followers
+from .plan import NonFiniteError, check_finite_weights, check_plan, mark_followers, rounding_steps
 from .progress import ProgressReporter
 from .resume import RunDirectory
 from .sanity import SanityReport, SanityTracker, final_report
@@ -123,6 +124,7 @@ def run_pipeline(
             inputs = inputs.with_hidden(resume.activations["hidden"])
         if sanity is not None:
             sanity.restore(resume.activations)
+            _reattach_input_quantizers(adapter, steps, state, store, start_block)
     if inputs is not None:
         log.info("calibration: %d batches, %d tokens into block %d", len(inputs), inputs.tokens(), start_block)
 
@@ -260,6 +262,22 @@ def _quantize_block(
         with phase(SANITY):
             sanity.after(unit)
     return outputs
+
+
+def _reattach_input_quantizers(adapter: ModelAdapter, steps: Sequence[Step], state: QuantState, store, blocks: int):
+    """On a resumed run, the blocks finished before the interruption quantize their inputs again (the
+    final sanity check runs them as saved): dynamic schemes as the recipe says, static ones with
+    the scale their shard holds."""
+    for index in range(blocks):
+        linears = adapter.block_linears(index)
+        rounding = rounding_steps(steps, list(linears))
+        for name, module in linears.items():
+            result = state.results.get(name)
+            scheme = rounding[name].activation_scheme if name in rounding else None
+            if result is None or result.activations is None or scheme is None:
+                continue
+            scale = None if scheme.dynamic else store.saved_tensor(index, f"{name}.input_scale")
+            attach_input_quantizer(module, scheme, scale)
 
 
 def _floating_dtype(module: nn.Module) -> torch.dtype:
