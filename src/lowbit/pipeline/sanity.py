@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .generation import generate_with_store, logits_of, prompt_of, repeats_one_token
+from .tensors import linear_in
 from .unit import BlockInputs
 
 log = logging.getLogger(__name__)
@@ -203,19 +204,12 @@ def _upcast_head(norm: nn.Module | None, head: nn.Linear, dtype: torch.dtype, bu
     A 32k vocabulary at hidden 2048 is 0.25 GiB in float32: cast whole, it set a streaming run's
     peak; the few calls of the final check each cast it again in slices instead."""
     w, b = head.weight, head.bias
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    rows = min(w.shape[0], max(1, budget // (w.shape[1] * itemsize)))
-    cast = [] if rows < w.shape[0] else [w.to(dtype), None if b is None else b.to(dtype)]
+    whole = w.numel() * torch.empty((), dtype=dtype).element_size() <= budget
+    cast = (w.to(dtype), None if b is None else b.to(dtype)) if whole else None
 
     def logits(h: torch.Tensor) -> torch.Tensor:
         x = (norm(h) if norm is not None else h).to(dtype)
-        if cast:
-            return F.linear(x, *cast)
-        parts = [
-            F.linear(x, w[i : i + rows].to(dtype), None if b is None else b[i : i + rows].to(dtype))
-            for i in range(0, w.shape[0], rows)
-        ]
-        return torch.cat(parts, -1)
+        return F.linear(x, *cast) if cast is not None else linear_in(x, w, b, dtype, budget)
 
     return logits
 

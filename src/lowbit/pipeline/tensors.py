@@ -78,22 +78,28 @@ UPCAST_SLICE_BYTES = 16 * 2**20
 
 
 def _upcasting_linear(linear: nn.Linear, dtype: torch.dtype):
-    """``linear``'s forward in ``dtype``, its weight cast a slice of output rows at a time (an MLP
-    weight of a 1B model is 46 MB in float32; slices keep the temporary copy small)."""
+    """``linear``'s forward in ``dtype``, its weight cast a slice at a time (an MLP weight of a 1B
+    model is 46 MB in float32; slices keep the temporary copy small)."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        w, b = linear.weight, linear.bias
-        x = x.to(dtype)
-        rows = max(1, UPCAST_SLICE_BYTES // (w.shape[1] * torch.empty((), dtype=dtype).element_size()))
-        if rows >= w.shape[0]:
-            return F.linear(x, w.to(dtype), None if b is None else b.to(dtype))
-        parts = [
-            F.linear(x, w[i : i + rows].to(dtype), None if b is None else b[i : i + rows].to(dtype))
-            for i in range(0, w.shape[0], rows)
-        ]
-        return torch.cat(parts, -1)
+        return linear_in(x.to(dtype), linear.weight, linear.bias, dtype, UPCAST_SLICE_BYTES)
 
     return forward
+
+
+def linear_in(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, slice_bytes: int
+) -> torch.Tensor:
+    """``F.linear`` in ``dtype`` (``x`` already in it), the weight cast a slice of output rows at a
+    time, each slice's copy within ``slice_bytes``."""
+    rows = max(1, slice_bytes // (weight.shape[1] * torch.empty((), dtype=dtype).element_size()))
+    if rows >= weight.shape[0]:
+        return F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
+    parts = [
+        F.linear(x, weight[i : i + rows].to(dtype), None if bias is None else bias[i : i + rows].to(dtype))
+        for i in range(0, weight.shape[0], rows)
+    ]
+    return torch.cat(parts, -1)
 
 
 def first_tensor(out: Any) -> torch.Tensor:
