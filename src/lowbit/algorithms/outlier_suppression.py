@@ -30,48 +30,40 @@ import torch
 from pydantic import Field, field_validator
 
 from ..formats import Quantizer
-from ..formats.activations import ActivationScheme, random_rows
 from ..models import is_linear, weight_of
-from .base import EstimateInputs, Step, StepConfig, StepEstimate, register_step
+from .base import EstimateInputs, Step, StepEstimate, register_step
 from .folding import divide_producer_outputs, multiply_consumer_inputs
-from .smoothquant import quantized_output_error, weight_spec
+from .smoothquant import (
+    ChannelStatistics,
+    W8A8SearchConfig,
+    foldable_groups,
+    quantized_output_error,
+    search_estimate,
+    weight_spec,
+)
 
 log = logging.getLogger(__name__)
 
 
-class OutlierSuppressionConfig(StepConfig):
-    """Outlier Suppression+ options.
+class OutlierSuppressionConfig(W8A8SearchConfig):
+    """Outlier Suppression+ options (and the search's, :class:`~.smoothquant.W8A8SearchConfig`).
 
     Attributes:
         shift: centre each channel where the producer and every consumer have a bias.
         threshold: ``search`` (per group, the best of ``grid`` thresholds), or the threshold ``t``
             as a fraction of the group's largest channel range, in ``(0, 1]`` (1: no scaling).
         grid: thresholds tried by the search: ``i / grid`` of the largest range, ``i = 1 ... grid``.
-        search_weights: the weight format of the search (default INT8 per output channel).
-        search_activations: the activation scheme of the search (default INT8, one static scale
-            per tensor).
-        max_tokens: calibration tokens kept per group for the search (a seeded random subset; the
-            channel ranges use every token).
     """
 
     shift: bool = True
     threshold: float | Literal["search"] = "search"
     grid: int = Field(20, ge=1)
-    search_weights: str | dict = Field(default_factory=lambda: {"format": "int8", "granularity": "channel"})
-    search_activations: ActivationScheme = Field(default_factory=lambda: ActivationScheme(format="int8", dynamic=False))
-    max_tokens: int = Field(4096, ge=16)
 
     @field_validator("threshold")
     @classmethod
     def _threshold(cls, v: float | str) -> float | str:
         if isinstance(v, float) and not 0.0 < v <= 1.0:
             raise ValueError(f"threshold must be in (0, 1] or 'search', got {v}")
-        return v
-
-    @field_validator("search_weights")
-    @classmethod
-    def _weights(cls, v: str | dict) -> str | dict:
-        weight_spec(v)  # raises with the reason
         return v
 
 
@@ -88,14 +80,9 @@ class OutlierSuppression(Step):
         selected = unit.select(cfg)
         if not selected or not unit.has_calibration:
             return
-        fraction = min(1.0, cfg.max_tokens / max(1, unit.inputs.tokens()))
-        for group in unit.groups:
-            names = {unit.full_name(rel): m for rel, m in group.linears.items()}
-            if group.prev is None or not all(n in selected for n in names):
-                continue
+        for group, names in foldable_groups(unit, selected):
             consumers = list(names.values())
-            stats = _ChannelRanges(fraction, keep_tokens=cfg.threshold == "search")
-            unit.collect({"_": consumers[0]}, lambda _n, x, stats=stats: stats.add(x))
+            stats = ChannelStatistics.collect(unit, group, cfg.max_tokens, keep_tokens=cfg.threshold == "search")
             shift = cfg.shift and _can_shift(group, consumers)
             z = (stats.x_max + stats.x_min) / 2 if shift else torch.zeros_like(stats.x_max)
             ranges = (stats.x_max - z).abs().maximum((stats.x_min - z).abs())
@@ -120,7 +107,7 @@ class OutlierSuppression(Step):
 
     @torch.no_grad()
     def _search(
-        self, stats: _ChannelRanges, z: torch.Tensor, ranges: torch.Tensor, weights: list[torch.Tensor]
+        self, stats: ChannelStatistics, z: torch.Tensor, ranges: torch.Tensor, weights: list[torch.Tensor]
     ) -> float:
         cfg: OutlierSuppressionConfig = self.config
         device = weights[0].device
@@ -143,13 +130,7 @@ class OutlierSuppression(Step):
         """One partial block pass per group to collect its inputs; the search multiplies
         ``max_tokens`` inputs by every layer's quantized weight for each threshold."""
         cfg: OutlierSuppressionConfig = self.config
-        tokens = min(cfg.max_tokens, inputs.calibration_tokens)
-        flops = 0.0
-        memory = 2 * 4 * inputs.largest
-        if cfg.threshold == "search":
-            flops = sum(2 * cfg.grid * 2 * tokens * r * c for r, c in inputs.layers.values())
-            memory += 3 * 4 * tokens * max((r for r, _ in inputs.layers.values()), default=0)
-        return StepEstimate(memory_bytes=memory, block_passes=1.0, flops=flops)
+        return search_estimate(inputs, cfg.max_tokens, cfg.grid if cfg.threshold == "search" else 0)
 
 
 def scaling_factors(ranges: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -175,24 +156,3 @@ def fold_shift(prev, consumers: list, z: torch.Tensor) -> None:
         lin.bias.copy_((lin.bias.float() + w @ z.to(w.device)).to(lin.bias.dtype))
     bias = prev.bias
     bias.copy_((bias.float() - z.to(bias.device)).to(bias.dtype))
-
-
-class _ChannelRanges:
-    """Per-channel minimum and maximum over all calibration tokens, and (for the search) a seeded
-    random ``fraction`` of the tokens themselves."""
-
-    def __init__(self, fraction: float, keep_tokens: bool, seed: int = 0):
-        self.x_max: torch.Tensor | None = None
-        self.x_min: torch.Tensor | None = None
-        self.samples: list[torch.Tensor] = []
-        self.fraction = fraction
-        self.keep_tokens = keep_tokens
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        hi, lo = x.amax(0), x.amin(0)
-        self.x_max = hi if self.x_max is None else torch.maximum(self.x_max, hi)
-        self.x_min = lo if self.x_min is None else torch.minimum(self.x_min, lo)
-        if self.keep_tokens:
-            self.samples.append(random_rows(x, self.fraction, self.generator))

@@ -271,13 +271,16 @@ def _reattach_input_quantizers(adapter: ModelAdapter, steps: Sequence[Step], sta
     for index in range(blocks):
         linears = adapter.block_linears(index)
         rounding = rounding_steps(steps, list(linears))
-        for name, module in linears.items():
+        schemes = {}
+        for name in linears:
             result = state.results.get(name)
             scheme = rounding[name].activation_scheme if name in rounding else None
-            if result is None or result.activations is None or scheme is None:
-                continue
-            scale = None if scheme.dynamic else store.saved_tensor(index, f"{name}.input_scale")
-            attach_input_quantizer(module, scheme, scale)
+            if result is not None and result.activations is not None and scheme is not None:
+                schemes[name] = scheme
+        static = [f"{name}.input_scale" for name, scheme in schemes.items() if not scheme.dynamic]
+        scales = store.saved_tensors(index, static) if static else {}
+        for name, scheme in schemes.items():
+            attach_input_quantizer(linears[name], scheme, scales.get(f"{name}.input_scale"))
 
 
 def _floating_dtype(module: nn.Module) -> torch.dtype:

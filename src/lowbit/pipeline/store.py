@@ -122,11 +122,12 @@ class StreamingStore:
                 block, f"{name.removeprefix(prefix + '.')}.weight", "cpu", value=_as_stored(module, weight)
             )
 
-    def saved_tensor(self, index: int, name: str) -> torch.Tensor:
-        """The tensor ``name`` (a model name) as block ``index``'s shard holds it."""
+    def saved_tensors(self, index: int, names: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors ``names`` (model names) as block ``index``'s shard holds them."""
         shard = SafetensorsCheckpoint.single_file(self.writer.directory / f"model-block-{index:05d}.safetensors")
-        key = self.lazy.checkpoint_name(name)
-        return shard.get_many([key])[key]
+        keys = {name: self.lazy.checkpoint_name(name) for name in names}
+        values = shard.get_many(list(keys.values()))
+        return {name: values[key] for name, key in keys.items()}
 
     def finish_block(self, adapter: ModelAdapter, index: int, codes: dict[str, QuantizedTensor]) -> None:
         block = adapter.blocks[index]
