@@ -1,11 +1,12 @@
 """Post-training quantization methods, one module each; importing registers their steps."""
 
-from . import awq, gptq, hqq, outlier_suppression, rtn, smoothquant  # noqa: F401  (importing registers the steps)
+from . import awq, gptq, hqq, outlier_suppression, quarot, rtn, smoothquant  # noqa: F401  (importing registers the steps)
 from .awq import AWQ, AWQConfig
 from .base import STEPS, Step, StepConfig, StepConfigError, WeightQuantConfig, build_step, register_step
 from .gptq import GPTQ, GPTQConfig, gptq_quantize
 from .hqq import HQQ, HQQConfig, hqq_quantize
 from .outlier_suppression import OutlierSuppression, OutlierSuppressionConfig
+from .quarot import QuaRot, QuaRotConfig
 from .rtn import RTN, RTNConfig
 from .smoothquant import SmoothQuant, SmoothQuantConfig
 
@@ -20,6 +21,8 @@ __all__ = [
     "HQQConfig",
     "OutlierSuppression",
     "OutlierSuppressionConfig",
+    "QuaRot",
+    "QuaRotConfig",
     "RTNConfig",
     "SmoothQuant",
     "SmoothQuantConfig",

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError, field_validator
+from torch import nn
 
 from ..formats import FormatSpec, make_format
 from ..formats.activations import ActivationScheme, StaticObserver, attach_input_quantizer
@@ -146,6 +147,43 @@ class StepEstimate:
     flops: float = 0.0
 
 
+class ModelTransform:
+    """A change of the whole model's parameterisation that leaves its function unchanged (a rotation
+    of the residual stream), applied by the pipeline piece by piece: every block as it loads, the
+    captured first-block activations once, and the weights outside the blocks (embeddings, final
+    norm, head) where they are held or written. Returned by :meth:`Step.model_transform`."""
+
+    def rotate_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The first block's input as the transformed embeddings produce it."""
+        raise NotImplementedError
+
+    def rotate_block(self, index: int) -> None:
+        """Transform block ``index`` in place (it was just loaded, untouched by any step)."""
+        raise NotImplementedError
+
+    def attach_online(self, index: int) -> None:
+        """Re-attach the run-time modules of a block transformed earlier (a resumed run)."""
+
+    def outside_roles(self) -> dict[str, str]:
+        """Parameters outside the blocks that change, by name: ``embedding``, ``norm`` or ``head``."""
+        raise NotImplementedError
+
+    def rotate_outside(self, role: str, tensor: torch.Tensor, norm_weight: torch.Tensor) -> torch.Tensor:
+        """The transformed value of one outside parameter (``norm_weight``: the final norm's original)."""
+        raise NotImplementedError
+
+    def untie(self, model: nn.Module) -> None:
+        """Give a tied head its own weight, when the transform treats it differently from the embeddings."""
+
+    def rotate_model_outside(self, model: nn.Module) -> None:
+        """Transform the outside parameters of a model held in memory."""
+        raise NotImplementedError
+
+    def config_updates(self) -> dict[str, Any]:
+        """Entries the saved ``config.json`` needs (e.g. the online rotations to attach on load)."""
+        return {}
+
+
 class Step:
     """Base class of recipe steps. Subclasses set ``name``, ``Config`` and implement ``apply``;
     steps whose cost differs from rounding each weight once also override ``estimate``."""
@@ -193,6 +231,11 @@ class Step:
 
     def apply(self, unit: Unit) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def model_transform(self, adapter) -> ModelTransform | None:
+        """The whole-model transform this step makes (rotations), which the pipeline applies to every
+        block as it loads and to the weights outside the blocks; ``None`` for per-unit steps."""
+        return None
 
     def finish(self) -> None:
         """Called once after the last unit (for steps that keep state across blocks)."""

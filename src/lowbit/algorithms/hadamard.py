@@ -21,6 +21,7 @@ import math
 from typing import Literal
 
 import torch
+from torch import nn
 
 
 def is_power_of_two(n: int) -> bool:
@@ -85,16 +86,85 @@ class Rotation:
         work = torch.promote_types(x.dtype, torch.float32)
         y = x.to(work)
         if self.dense is not None:
-            return (y @ self.dense.to(work)).to(x.dtype)
+            return (y @ self.dense.to(y.device, work)).to(x.dtype)
         lead = y.shape[:-1]
         # R = (diag(s) H / sqrt(p)) kron Q: view x as [.., p, m]; index i = a * m + b
         y = y.reshape(*lead, self.power, self.odd)
         if self.factor is not None:
-            y = y @ self.factor.to(work)
-        y = y.transpose(-1, -2) * self.signs.to(work)  # [.., m, p], signs on the Hadamard side
+            y = y @ self.factor.to(y.device, work)
+        y = y.transpose(-1, -2) * self.signs.to(y.device, work)  # [.., m, p], signs on the Hadamard side
         y = fwht(y).transpose(-1, -2)
         return y.reshape(*lead, self.n).to(x.dtype)
 
     def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """``R`` itself (``n x n``): the rotation of the identity."""
         return self.apply(torch.eye(self.n, dtype=torch.float64)).to(dtype)
+
+
+class OnlineRotation(nn.Module):
+    """Rotates a linear's input at run time (QuaRot's online Hadamard before ``down_proj``): the
+    linear's weight holds ``W R`` and its input becomes ``x R``. No parameters: the rotation is
+    rebuilt from ``(size, kind, seed)``, which the saved config records."""
+
+    def __init__(self, size: int, kind: Literal["hadamard", "orthogonal"] = "hadamard", seed: int = 0):
+        super().__init__()
+        self.rotation = Rotation(size, kind, seed)
+
+    def describe(self) -> dict:
+        return {"size": self.rotation.n, "kind": self.rotation.kind, "seed": self.rotation.seed}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rotation.apply(x)
+
+    def extra_repr(self) -> str:
+        return f"size={self.rotation.n}, kind={self.rotation.kind}, seed={self.rotation.seed}"
+
+
+def _rotate_input_hook(module: nn.Module, args: tuple) -> tuple:
+    return (module.input_rotation(args[0]), *args[1:]) if args else args
+
+
+def attach_online_rotation(linear: nn.Module, rotation: OnlineRotation) -> None:
+    """Make ``linear`` rotate its input first, before any other pre-hook (an input quantizer must see
+    the rotated input, as QuaRot quantizes it)."""
+    had = isinstance(getattr(linear, "input_rotation", None), OnlineRotation)
+    linear.input_rotation = rotation
+    if not had:
+        linear.register_forward_pre_hook(_rotate_input_hook, prepend=True)
+
+
+def online_rotation_of(linear: nn.Module) -> OnlineRotation | None:
+    rotation = getattr(linear, "input_rotation", None)
+    return rotation if isinstance(rotation, OnlineRotation) else None
+
+
+def attach_online_rotations(model: nn.Module, entries: list[dict]) -> int:
+    """Re-attach the online rotations a saved config lists (``[{"suffix", "size", "kind", "seed"}]``:
+    every linear whose name ends with ``suffix``); returns how many layers got one."""
+    count = 0
+    for entry in entries:
+        suffix = "." + entry["suffix"]
+        for name, module in model.named_modules():
+            if name.endswith(suffix):
+                attach_online_rotation(module, OnlineRotation(int(entry["size"]), entry["kind"], int(entry["seed"])))
+                count += 1
+    return count
+
+
+@torch.no_grad()
+def rotate_rows_(weight: torch.Tensor, rotation: Rotation, chunk_bytes: int = 16 * 2**20) -> None:
+    """``W <- W R`` in place (each row times ``R``; ``W`` of any dtype), a slice of rows at a time so
+    that a large weight never has a whole float32 copy."""
+    rows = max(1, chunk_bytes // (4 * weight.shape[-1]))
+    for start in range(0, weight.shape[0], rows):
+        part = weight[start : start + rows]
+        part.copy_(rotation.apply(part.float()).to(weight.dtype))
+
+
+@torch.no_grad()
+def rotate_columns_(weight: torch.Tensor, rotation: Rotation, chunk_bytes: int = 16 * 2**20) -> None:
+    """``W <- R^T W`` in place (the output side: each column times ``R``), a slice of columns at a time."""
+    cols = max(1, chunk_bytes // (4 * weight.shape[0]))
+    for start in range(0, weight.shape[1], cols):
+        part = weight[:, start : start + cols]
+        part.copy_(rotation.apply(part.float().T).T.to(weight.dtype))

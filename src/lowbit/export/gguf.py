@@ -115,6 +115,11 @@ def write_gguf(model: nn.Module, tokenizer_dir: str | Path, out_file: str | Path
     arch = ARCHS.get(config.model_type)
     if arch is None:
         raise ExportError(f"GGUF export supports {', '.join(sorted(ARCHS))} models, not {config.model_type!r}")
+    if getattr(config, "lowbit_online_rotations", None):
+        raise ExportError(
+            "this model rotates some layers' inputs at run time (QuaRot's online Hadamard), which llama.cpp "
+            "does not do: quantize it with `quarot: {online: false}` for GGUF"
+        )
     out_file = Path(out_file)
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", config.num_attention_heads)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

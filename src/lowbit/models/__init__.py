@@ -4,6 +4,7 @@ from .adapter import ModelAdapter, ResolvedGroup, get_submodule
 from .architectures import (
     Architecture,
     LinearGroup,
+    ResidualStream,
     UnsupportedArchitectureError,
     architecture_for,
     register_architecture,
@@ -22,6 +23,7 @@ __all__ = [
     "MoESpec",
     "ModelAdapter",
     "ModelLoadError",
+    "ResidualStream",
     "ResolvedGroup",
     "UnfusedExperts",
     "UnsupportedArchitectureError",

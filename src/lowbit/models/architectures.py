@@ -50,6 +50,23 @@ class LinearGroup:
 
 
 @dataclass(frozen=True)
+class ResidualStream:
+    """How a pre-norm block writes the residual stream, for rotations of it (QuaRot): the linears that
+    read it through a norm are the groups whose ``prev`` is a norm; these are the rest.
+
+    Attributes:
+        writers: linears whose output is added to the residual stream (block-relative names).
+        mlp_out: the MLP's output projection, whose input may take an online Hadamard transform.
+        values: ``(v_proj, o_proj)``: attention mixes tokens, not channels, so a per-head rotation
+            of v's outputs is undone in o's inputs offline.
+    """
+
+    writers: tuple[str, ...]
+    mlp_out: str | None = None
+    values: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
 class Architecture:
     """Where the parts of one model family are (paths relative to the loaded model).
 
@@ -65,6 +82,9 @@ class Architecture:
             token's final hidden state); its linears are calibrated on the last block's outputs.
         norm_offset: RMSNorms of this family compute ``x * (offset + weight)`` (Gemma: 1).
         moe: where the fused Mixture-of-Experts module is, if any.
+        residual: how blocks write the residual stream, for families whose residual stream can be
+            rotated (pre-norm with RMSNorm, nothing but the writers' outputs added to it); ``None``:
+            rotations refuse the family.
     """
 
     name: str
@@ -76,6 +96,7 @@ class Architecture:
     pooler: tuple[str, ...] = ()
     norm_offset: float = 0.0
     moe: MoESpec | None = None
+    residual: ResidualStream | None = None
     notes: str = field(default="", compare=False)
 
 
@@ -115,8 +136,19 @@ _ATTN_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _MLP_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 
 
+_LLAMA_RESIDUAL = ResidualStream(
+    writers=("self_attn.o_proj", "mlp.down_proj"),
+    mlp_out="mlp.down_proj",
+    values=("self_attn.v_proj", "self_attn.o_proj"),
+)
+
+
 def _llama_like(
-    name: str, model_types: tuple[str, ...], norm_offset: float = 0.0, mlp_norm: str = "post_attention_layernorm"
+    name: str,
+    model_types: tuple[str, ...],
+    norm_offset: float = 0.0,
+    mlp_norm: str = "post_attention_layernorm",
+    residual: ResidualStream | None = _LLAMA_RESIDUAL,
 ) -> Architecture:
     return Architecture(
         name=name,
@@ -130,6 +162,7 @@ def _llama_like(
         ),
         final_norm=("model.norm", "norm"),
         norm_offset=norm_offset,
+        residual=residual,
     )
 
 
@@ -138,8 +171,12 @@ register_architecture(_llama_like("mistral", ("mistral",)))
 register_architecture(_llama_like("qwen2", ("qwen2",)))
 register_architecture(_llama_like("qwen3", ("qwen3",)))
 register_architecture(_llama_like("gemma", ("gemma",), norm_offset=1.0))
+# Gemma 2/3 normalise the attention and MLP outputs before adding them to the residual stream: a
+# rotation of the stream does not pass through those norms' per-channel weights.
 register_architecture(
-    _llama_like("gemma2", ("gemma2", "gemma3_text"), norm_offset=1.0, mlp_norm="pre_feedforward_layernorm")
+    _llama_like(
+        "gemma2", ("gemma2", "gemma3_text"), norm_offset=1.0, mlp_norm="pre_feedforward_layernorm", residual=None
+    )
 )
 
 register_architecture(
@@ -154,6 +191,7 @@ register_architecture(
             LinearGroup(("mlp.down_proj",)),
         ),
         final_norm=("model.norm", "norm"),
+        residual=ResidualStream(writers=("self_attn.o_proj", "mlp.down_proj"), mlp_out="mlp.down_proj"),
         notes="fused qkv and gate_up: v->o and up->down scales cannot be folded",
     )
 )

@@ -230,6 +230,8 @@ class LazyModel:
             self.model: nn.Module = cls.from_config(config, dtype=self.dtype)
         self.model.eval()
         self._prefix = self._checkpoint_prefix()
+        #: the checkpoint stores a tied head once, under the embeddings' name (even after untying)
+        self.tied_head = bool(getattr(config, "tie_word_embeddings", False))
         self._renames: list[tuple[re.Pattern, str]] = []
         self._stored_as = _stored_names(self.model, self.checkpoint.keys())
 
@@ -310,9 +312,16 @@ class LazyModel:
                 )
             set_module_tensor_to_device(self.model, name, "cpu", value=value.to(current.dtype))
 
+    def read(self, name: str) -> torch.Tensor:
+        """Parameter ``name`` (a model name) as the checkpoint stores it (a tied head: the embeddings)."""
+        key = self.checkpoint_name(name)
+        if key not in self.checkpoint and (tied := self._tied_source(name)) is not None:
+            key = self.checkpoint_name(tied)
+        return self.checkpoint.get(key)
+
     def _tied_source(self, name: str) -> str | None:
         """The name of the input embedding when ``name`` is an output head tied to it."""
-        if getattr(self.model.config, "tie_word_embeddings", False) and name.endswith("lm_head.weight"):
+        if self.tied_head and name.endswith("lm_head.weight"):
             emb = self.model.get_input_embeddings()
             for n, m in self.model.named_modules():
                 if m is emb:

@@ -217,7 +217,7 @@ def quantize_directory(
         sanity=result.sanity.to_dict() if result.sanity is not None else None,
         peak_rss_bytes=_peak_rss(),
     )
-    _write_metadata(Path(model_dir), work, recipe, report, save_dtype, qconfig)
+    _write_metadata(Path(model_dir), work, recipe, report, save_dtype, qconfig, result.config_updates)
     if layout.name == "gguf":
         with timings.phase(WRITE):
             _write_gguf(work, save_dtype)
@@ -249,10 +249,18 @@ def _finish_directory(source: Path, work: Path, writer: ShardWriter, tokenizer) 
 
 
 def _write_metadata(
-    source: Path, work: Path, recipe: Recipe, report: QuantizationReport, save_dtype, quantization_config
+    source: Path,
+    work: Path,
+    recipe: Recipe,
+    report: QuantizationReport,
+    save_dtype,
+    quantization_config,
+    config_updates: dict | None = None,
 ) -> None:
-    """The saved dtype and the layout's quantization_config in config.json, the recipe and the report."""
+    """The saved dtype and the layout's quantization_config in config.json (with what a model
+    transform changed: online rotations, an untied head), the recipe and the report."""
     config = json.loads((work / "config.json").read_text())
+    config.update(config_updates or {})
     config["dtype"] = str(save_dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
     config.pop("quantization_config", None)

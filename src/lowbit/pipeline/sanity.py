@@ -84,6 +84,11 @@ class SanityTracker:
         self.fp = held_back
         self.q = held_back
 
+    def transform(self, fn) -> None:
+        """Apply a model transform's change to the samples' hidden states (both streams)."""
+        self.fp = self.fp.with_hidden([fn(h) for h in self.fp.hidden])
+        self.q = self.fp
+
     def before(self, unit) -> None:
         self._pending_fp = unit.forward_inputs(self.fp)
 

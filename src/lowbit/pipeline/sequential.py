@@ -58,6 +58,8 @@ class PipelineResult:
     state: QuantState
     sanity: SanityReport | None = None
     timings: PhaseTimes = field(default_factory=PhaseTimes)
+    #: entries the saved config.json needs (a model transform's online rotations, an untied head)
+    config_updates: dict = field(default_factory=dict)
 
 
 def run_pipeline(
@@ -87,6 +89,7 @@ def run_pipeline(
     adapter.unfuse_experts()
     targeted = check_plan(adapter, steps, options.allow_nonfinite)
     mark_followers(steps, list(targeted))
+    transform = model_transform(steps, adapter)
     needs_data = [s.name for s in steps if s.needs_calibration]
     if needs_data and calibration is None:
         raise CalibrationError(f"step(s) {', '.join(needs_data)} need calibration data; pass calibration=...")
@@ -115,6 +118,15 @@ def run_pipeline(
                     model, adapter, held_back, options, store, output=False
                 )
             log.info("original model's greedy continuation: %s", sanity.generated_reference)
+    if transform is not None:
+        # From here on the model is the transformed one: the outside weights change where they are
+        # held (or as they are read and written), and the activations captured from the original
+        # embeddings become what the transformed embeddings produce.
+        store.set_transform(adapter, transform)
+        if inputs is not None:
+            inputs = inputs.with_hidden([transform.rotate_hidden(h) for h in inputs.hidden])
+        if sanity is not None:
+            sanity.transform(transform.rotate_hidden)
     start_block = 0
     if resume is not None:
         start_block = resume.next_block
@@ -122,6 +134,9 @@ def run_pipeline(
         state.tokens_per_expert.update(resume.tokens_per_expert)
         if inputs is not None:
             inputs = inputs.with_hidden(resume.activations["hidden"])
+        if transform is not None:
+            for index in range(start_block):
+                transform.attach_online(index)
         if sanity is not None:
             sanity.restore(resume.activations)
             _reattach_input_quantizers(adapter, steps, state, store, start_block)
@@ -145,6 +160,9 @@ def run_pipeline(
             block = adapter.blocks[index]
             home = next(block.parameters()).device
             block.to(device)
+            if transform is not None:
+                with phase(steps[0].name):
+                    transform.rotate_block(index)
             arithmetic = options.arithmetic_dtype(_floating_dtype(block), device)
             with computing_in([block], arithmetic):
                 unit = Unit(
@@ -215,7 +233,17 @@ def run_pipeline(
         store.release_outside(adapter)  # the writer reads them from disk in turn
     with phase(WRITE):
         store.finish(adapter, state.quantized)
-    return PipelineResult(state, report, timings)
+    return PipelineResult(state, report, timings, transform.config_updates() if transform is not None else {})
+
+
+def model_transform(steps: Sequence[Step], adapter: ModelAdapter):
+    """The recipe's whole-model transform (at most one step makes one), checked against the model."""
+    found = [(s.name, t) for s in steps if (t := s.model_transform(adapter)) is not None]
+    if len(found) > 1:
+        raise ValueError(f"a recipe can rotate the model once; steps {[n for n, _ in found]} each do")
+    if found and steps[0].name != found[0][0]:
+        raise ValueError(f"step {found[0][0]!r} transforms the whole model and must come first in the recipe")
+    return found[0][1] if found else None
 
 
 def _quantize_block(

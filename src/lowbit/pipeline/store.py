@@ -15,6 +15,7 @@ import torch
 from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 
+from ..algorithms.base import ModelTransform
 from ..export.layouts import FakeQuantLayout, Layout
 from ..export.shards import ShardWriter
 from ..formats import FormatSpec, QuantizedTensor, Quantizer
@@ -27,6 +28,13 @@ log = logging.getLogger(__name__)
 class InMemoryStore:
     streaming = False
     keeps_codes = False
+
+    transform: ModelTransform | None = None
+
+    def set_transform(self, adapter: ModelAdapter, transform: ModelTransform) -> None:
+        """The model is transformed from now on: its outside weights change at once."""
+        self.transform = transform
+        transform.rotate_model_outside(adapter.model)
 
     def load_outside(self, adapter: ModelAdapter) -> None:
         pass
@@ -51,6 +59,9 @@ class InMemoryStore:
 
     def finish(self, adapter: ModelAdapter, codes: dict[str, QuantizedTensor]) -> None:
         adapter.refuse_experts()  # give the model back in its own (fused) module layout
+        if self.transform is not None:  # the saved config says what the transform changed
+            for key, value in self.transform.config_updates().items():
+                setattr(adapter.model.config, key, value)
 
 
 class StreamingStore:
@@ -73,6 +84,32 @@ class StreamingStore:
         self.save_dtype = save_dtype or lazy.storage_dtype
         self.layout = layout or FakeQuantLayout()
         self.specs = specs or {}
+        self.transform: ModelTransform | None = None
+        self._transformed: set[str] = set()  # outside parameters in memory that hold transformed values
+
+    def set_transform(self, adapter: ModelAdapter, transform: ModelTransform) -> None:
+        """The model is transformed from now on: outside weights change as they are loaded and written
+        (a large vocabulary's embeddings are never held just for this)."""
+        self.transform = transform
+        transform.untie(self.lazy.model)
+        self.release_outside(adapter)
+        self._transformed.clear()
+
+    def _transform_loaded(self) -> None:
+        if self.transform is None:
+            return
+        model = self.lazy.model
+        roles = self.transform.outside_roles()
+        norm_name = next(n for n, r in roles.items() if r == "norm")
+        original_norm = None
+        for name, role in roles.items():
+            param = model.get_parameter(name)
+            if param.device.type == "meta" or name in self._transformed:
+                continue
+            if original_norm is None:
+                original_norm = self.lazy.read(norm_name)
+            param.data = self.transform.rotate_outside(role, param.data, original_norm)
+            self._transformed.add(name)
 
     @property
     def keeps_codes(self) -> bool:
@@ -82,13 +119,15 @@ class StreamingStore:
         """What runs before the first block (embeddings), for capturing that block's inputs; the
         final norm and the head wait for :meth:`load_head`."""
         self.lazy.materialize_outside(adapter.blocks_path, skip=tuple(adapter.head_modules()))
+        self._transform_loaded()
 
     def release_outside(self, adapter: ModelAdapter) -> None:
         """Drop them again while the blocks are worked on (the embeddings of a large vocabulary
         would otherwise sit in memory all run)."""
-        for module in adapter.outside_modules().values():
+        for name, module in adapter.outside_modules().items():
             if any(p.device.type != "meta" for p in module.parameters(recurse=False)):
                 self.lazy.release(module)
+                self._transformed.difference_update(f"{name}.{p}" for p, _ in module.named_parameters(recurse=False))
 
     def load_head(self, adapter: ModelAdapter, linears: Iterable[str] = ()) -> None:
         """What runs after the last block (final norm, output projection, pooler), for the head unit
@@ -96,6 +135,7 @@ class StreamingStore:
         modules = {**adapter.head_modules(), **{name: adapter.model.get_submodule(name) for name in linears}}
         for name, module in modules.items():
             self.lazy.materialize(module, name)
+        self._transform_loaded()
 
     def load_block(self, adapter: ModelAdapter, index: int) -> None:
         self.lazy.materialize(adapter.blocks[index], adapter.block_name(index))
@@ -161,12 +201,17 @@ class StreamingStore:
             if name.startswith(inside) or name in seen or (tied and name.endswith("lm_head.weight")):
                 continue  # tied weights are stored once, under the embedding's name
             seen.add(name)
-            key = self.lazy.checkpoint_name(name)
             nbytes = value.numel() * value.element_size()
             if pending and size + nbytes > shard_bytes:
                 self.writer.write(f"rest-{part:02d}", pending)
                 pending, size, part = {}, 0, part + 1
-            tensor = value.detach() if value.device.type != "meta" else self.lazy.checkpoint.get(key)
+            if value.device.type != "meta":
+                tensor = value.detach()
+            else:
+                tensor = self.lazy.read(name)
+                if self.transform is not None and name in (roles := self.transform.outside_roles()):
+                    norm = self.lazy.read(next(n for n, r in roles.items() if r == "norm"))
+                    tensor = self.transform.rotate_outside(roles[name], tensor, norm)
             pending.update(self._stored(name, tensor, codes))
             size += nbytes
         if pending:

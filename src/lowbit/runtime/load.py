@@ -17,6 +17,7 @@ import torch
 from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 
+from ..algorithms.hadamard import attach_online_rotations
 from ..formats import Quantizer
 from ..formats.activations import ActivationScheme, attach_input_quantizer
 from ..models.lazy import LazyModel
@@ -74,6 +75,9 @@ def load(
             set_module_tensor_to_device(model, f"{name}.weight", "cpu", value=weight)
     if specs:
         log.info("%d quantized layers (%s), %s", len(specs), layout.name, "packed" if packed else "dequantized")
+    rotations = config.get("lowbit_online_rotations") or []
+    if rotations:  # before the input quantizers: they quantize the rotated input
+        log.info("%d layers rotate their inputs online", attach_online_rotations(model, rotations))
     _attach_input_quantizers(lazy, model, schemes)
     if (
         packed and native_kernels and device.type == "cpu"
