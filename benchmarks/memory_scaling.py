@@ -36,6 +36,9 @@ def main() -> None:
     p.add_argument("--model")
     p.add_argument("--mode", choices=["streaming", "in-memory"])
     p.add_argument("--method", choices=["rtn", "gptq"], default="gptq")
+    p.add_argument(
+        "--recipe", type=Path, default=None, help="a YAML recipe instead of --method (its file name labels the row)"
+    )
     p.add_argument("--n-samples", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument(
@@ -70,7 +73,13 @@ def main() -> None:
 
     model_dir = Path(args.model)
     size = checkpoint_bytes(model_dir)
-    step = (GPTQ if args.method == "gptq" else RTN)(format="int4", group_size=128, symmetric=False)
+    if args.recipe is not None:
+        from lowbit.recipe import Recipe
+
+        steps = list(Recipe.from_yaml(args.recipe))
+        args.method = args.recipe.stem
+    else:
+        steps = [(GPTQ if args.method == "gptq" else RTN)(format="int4", group_size=128, symmetric=False)]
     # streaming as the CLI runs it (glibc's allocator tuned, as the CLI does for checkpoints of 1 GiB and more)
     options = PipelineOptions(
         progress=True, sanity_samples=2, batch_size=args.batch_size, tune_allocator=args.mode == "streaming"
@@ -81,13 +90,13 @@ def main() -> None:
     start = time.perf_counter()
     if args.mode == "streaming":
         run = quantize_checkpoint(
-            model_dir, [step], out, n_samples=args.n_samples, seq_len=args.seq_len, options=options, force=True
+            model_dir, steps, out, n_samples=args.n_samples, seq_len=args.seq_len, options=options, force=True
         )
         report = run.report
     else:
         loaded = lowbit.load_model(model_dir, dtype=torch.bfloat16)
         result = lowbit.quantize(
-            loaded, [step], calibration="builtin", n_samples=args.n_samples, seq_len=args.seq_len, options=options
+            loaded, steps, calibration="builtin", n_samples=args.n_samples, seq_len=args.seq_len, options=options
         )
         report = result.report
     seconds = time.perf_counter() - start
@@ -106,6 +115,7 @@ def main() -> None:
         "seconds_per_block": seconds / max(1, blocks),
         "blocks": blocks,
         "layers_quantized": len(report.layers),
+        "phase_seconds": report.timings,
         **tmpdir_backup(model_dir, args.method),
         "command": command(),
         "revision": git_revision(),
@@ -125,7 +135,7 @@ def tmpdir_backup(model_dir: Path, method: str) -> dict:
 
     config = json.loads((model_dir / "config.json").read_text())
     widest = max(config["hidden_size"], config["intermediate_size"])
-    backup = hessian_nbytes(widest, "cpu") if method == "gptq" and packs(widest, "cpu") else 0
+    backup = hessian_nbytes(widest, "cpu") if "gptq" in method and packs(widest, "cpu") else 0
     return {"tmpdir_backup_gib": backup / 2**30, "tmpdir_in_memory": temp_files_in_memory()}
 
 
@@ -140,8 +150,13 @@ def partial_run(args) -> None:
     work = out.parent / f".{out.name}.partial"
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
-    cmd = [sys.executable, "-m", "lowbit", "quantize", str(model_dir), "--out", str(out), "--method", args.method]
-    cmd += ["--bits", "4", "--group-size", "128", "--asymmetric", "--n-samples", str(args.n_samples)]
+    cmd = [sys.executable, "-m", "lowbit", "quantize", str(model_dir), "--out", str(out)]
+    if args.recipe is not None:
+        cmd += ["--recipe", str(args.recipe)]
+        args.method = args.recipe.stem
+    else:
+        cmd += ["--method", args.method, "--bits", "4", "--group-size", "128", "--asymmetric"]
+    cmd += ["--n-samples", str(args.n_samples)]
     cmd += ["--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size), "--sanity-samples", "2", "--force"]
     start = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

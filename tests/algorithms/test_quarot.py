@@ -234,3 +234,46 @@ def test_online_rotation_is_rebuilt_identically_from_its_record():
     assert torch.equal(a.rotation.matrix(), b.rotation.matrix())
     m = a.rotation.matrix()
     torch.testing.assert_close(m @ m.T, torch.eye(96, dtype=torch.float64))
+
+
+def test_a_resumed_rotated_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Interrupted after its first block, a rotated run resumes: the captured activations are the
+    rotated ones saved with the progress, the finished block gets its online rotation back for the
+    final check, and the outputs and the sanity report equal an uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    from lowbit.api import quantize_checkpoint
+    from lowbit.export.shards import ShardWriter
+    from lowbit.pipeline import PipelineOptions
+
+    _tiny_dir(tmp_path / "src", tie=False)
+    recipe = [
+        {"quarot": {}},
+        {"rtn": {"format": "int8", "group_size": -1, "input_activations": {"format": "int4", "dynamic": True}}},
+    ]
+    kwargs = {
+        "n_samples": 8,
+        "seq_len": 64,
+        "options": PipelineOptions(progress=False, sanity_samples=2),
+        "force": True,
+        "save_format": "lowbit",
+    }
+    reference = quantize_checkpoint(tmp_path / "src", recipe, tmp_path / "ref", **kwargs)
+    original = ShardWriter.write
+
+    def crash_on_second_block(self, stem, tensors):
+        if stem == "block-00001":
+            raise RuntimeError("disk on fire")
+        return original(self, stem, tensors)
+
+    monkeypatch.setattr(ShardWriter, "write", crash_on_second_block)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        quantize_checkpoint(tmp_path / "src", recipe, tmp_path / "out", **kwargs)
+    monkeypatch.setattr(ShardWriter, "write", original)
+    resumed = quantize_checkpoint(tmp_path / "src", recipe, tmp_path / "out", **kwargs)
+    assert resumed.resumed_from_block == 1
+    assert resumed.sanity.kl == reference.sanity.kl > 0
+    assert resumed.sanity.generated_ids == reference.sanity.generated_ids
+    a = {k: v for f in sorted((tmp_path / "ref").glob("*.safetensors")) for k, v in load_file(f).items()}
+    b = {k: v for f in sorted((tmp_path / "out").glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -233,7 +233,13 @@ def run_pipeline(
         store.release_outside(adapter)  # the writer reads them from disk in turn
     with phase(WRITE):
         store.finish(adapter, state.quantized)
-    return PipelineResult(state, report, timings, transform.config_updates() if transform is not None else {})
+    updates = transform.config_updates() if transform is not None else {}
+    if updates.get("lowbit_online_rotations"):
+        log.warning(
+            "the model rotates some layers' inputs at run time (online Hadamard); lowbit.load, lowbit eval and "
+            "lowbit generate apply it, transformers and vLLM do not: for their checkpoints use online: false"
+        )
+    return PipelineResult(state, report, timings, updates)
 
 
 def model_transform(steps: Sequence[Step], adapter: ModelAdapter):
