@@ -147,6 +147,25 @@ class StepEstimate:
     flops: float = 0.0
 
 
+@dataclass
+class TransformContext:
+    """What a step may need to build its model transform (SpinQuant learns its rotations).
+
+    Attributes:
+        calibration: the calibration data (``None`` when the recipe has none).
+        batch_size: calibration sequences per forward pass.
+        device: where blocks are processed.
+        load_model: makes the whole model's weights present (a streamed skeleton reads them all).
+        release_model: drops them again (a no-op for a model held in memory).
+    """
+
+    calibration: Any = None
+    batch_size: int = 8
+    device: str = "cpu"
+    load_model: Any = None
+    release_model: Any = None
+
+
 class ModelTransform:
     """A change of the whole model's parameterisation that leaves its function unchanged (a rotation
     of the residual stream), applied by the pipeline piece by piece: every block as it loads, the
@@ -232,7 +251,7 @@ class Step:
     def apply(self, unit: Unit) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def model_transform(self, adapter) -> ModelTransform | None:
+    def model_transform(self, adapter, context: TransformContext) -> ModelTransform | None:
         """The whole-model transform this step makes (rotations), which the pipeline applies to every
         block as it loads and to the weights outside the blocks; ``None`` for per-unit steps."""
         return None

@@ -79,6 +79,14 @@ class Rotation:
         self.signs = torch.randint(0, 2, (self.power,), generator=generator, dtype=torch.float64) * 2 - 1
         self.factor = _random_orthogonal(self.odd, generator) if self.odd > 1 else None
 
+    @classmethod
+    def from_matrix(cls, matrix: torch.Tensor) -> Rotation:
+        """A rotation given by its matrix (e.g. a learned one); applied as a dense matmul."""
+        rotation = cls.__new__(cls)
+        rotation.n, rotation.kind, rotation.seed = matrix.shape[0], "orthogonal", -1
+        rotation.dense = matrix.detach().to("cpu", torch.float64).contiguous()
+        return rotation
+
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ R`` along the last dimension, in ``x``'s dtype (computed in float32 at least)."""
         if x.shape[-1] != self.n:

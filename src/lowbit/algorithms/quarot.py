@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..models import ModelAdapter, get_submodule, is_linear
-from .base import ModelTransform, Step, StepConfig, register_step
+from .base import ModelTransform, Step, StepConfig, TransformContext, register_step
 from .hadamard import OnlineRotation, Rotation, attach_online_rotation, rotate_columns_, rotate_rows_
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class QuaRot(Step):
     name = "quarot"
     Config = QuaRotConfig
 
-    def model_transform(self, adapter: ModelAdapter) -> ResidualRotation:
+    def model_transform(self, adapter: ModelAdapter, context: TransformContext) -> ResidualRotation:
         return ResidualRotation(adapter, self.config)
 
     def apply(self, unit) -> None:
@@ -83,7 +83,15 @@ class RotationError(ValueError):
 class ResidualRotation(ModelTransform):
     """The rotations of one model: applied to blocks, captured activations and the outside weights."""
 
-    def __init__(self, adapter: ModelAdapter, config: QuaRotConfig):
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        config: QuaRotConfig,
+        residual: Rotation | None = None,
+        value_rotations: list[Rotation] | None = None,
+    ):
+        """``residual`` and ``value_rotations`` (one per block) replace the seeded Hadamard rotations
+        (SpinQuant's learned ones)."""
         arch = adapter.arch
         if arch.residual is None:
             raise RotationError(
@@ -96,10 +104,11 @@ class ResidualRotation(ModelTransform):
         model_config = adapter.model.config
         self.hidden = int(model_config.hidden_size)
         self.offset = arch.norm_offset
-        self.residual = Rotation(self.hidden, config.rotation, config.seed)
+        self.residual = residual or Rotation(self.hidden, config.rotation, config.seed)
         heads = int(model_config.num_attention_heads)
         self.head_dim = int(getattr(model_config, "head_dim", None) or self.hidden // heads)
         self.value_rotation = Rotation(self.head_dim, "hadamard", config.seed + 1) if config.values else None
+        self.value_rotations = value_rotations
         self.online: OnlineRotation | None = None
         embedding = adapter.model.get_input_embeddings()
         names = {id(m): n for n, m in adapter.model.named_modules()}
@@ -145,7 +154,8 @@ class ResidualRotation(ModelTransform):
             if writer.bias is not None:
                 writer.bias.copy_(self.residual.apply(writer.bias.float()).to(writer.bias.dtype))
         if self.value_rotation is not None and self.spec.values is not None:
-            self._rotate_values(block, prefix)
+            rotation = self.value_rotations[index] if self.value_rotations is not None else self.value_rotation
+            self._rotate_values(block, prefix, rotation)
         if self.config.online and self.spec.mlp_out is not None:
             down = get_submodule(block, self.spec.mlp_out)
             weight = _linear_weight(down, f"{prefix}.{self.spec.mlp_out}")
@@ -154,7 +164,7 @@ class ResidualRotation(ModelTransform):
             rotate_rows_(weight, self.online.rotation)
             attach_online_rotation(down, self.online)
 
-    def _rotate_values(self, block: nn.Module, prefix: str) -> None:
+    def _rotate_values(self, block: nn.Module, prefix: str, rotation: Rotation) -> None:
         v_name, o_name = self.spec.values
         v, o = get_submodule(block, v_name), get_submodule(block, o_name)
         d = self.head_dim
@@ -163,10 +173,10 @@ class ResidualRotation(ModelTransform):
         if v_weight.shape[0] % d or o_weight.shape[1] % d:
             raise RotationError(f"{prefix}: {v_name}/{o_name} widths are not multiples of the head size {d}")
         for head in range(v_weight.shape[0] // d):  # v_h <- v_h H: each head's rows take H^T
-            rotate_columns_(v_weight[head * d : (head + 1) * d], self.value_rotation)
+            rotate_columns_(v_weight[head * d : (head + 1) * d], rotation)
         if v.bias is not None:
-            v.bias.copy_(self.value_rotation.apply(v.bias.float().view(-1, d)).reshape(-1).to(v.bias.dtype))
-        rotate_rows_(o_weight.view(-1, d), self.value_rotation)  # each head's columns of o take H
+            v.bias.copy_(rotation.apply(v.bias.float().view(-1, d)).reshape(-1).to(v.bias.dtype))
+        rotate_rows_(o_weight.view(-1, d), rotation)  # each head's columns of o take H
 
     def attach_online(self, index: int) -> None:
         """Attach the online rotation to a block rotated earlier (a resumed run's finished blocks)."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..algorithms.base import Step
+from ..algorithms.base import Step, TransformContext
 from ..calibration import CalibrationData, CalibrationError
 from ..formats.activations import attach_input_quantizer
 from ..models import ModelAdapter
@@ -89,7 +89,14 @@ def run_pipeline(
     adapter.unfuse_experts()
     targeted = check_plan(adapter, steps, options.allow_nonfinite)
     mark_followers(steps, list(targeted))
-    transform = model_transform(steps, adapter)
+    context = TransformContext(
+        calibration=calibration,
+        batch_size=options.batch_size,
+        device=str(options.resolved_device()),
+        load_model=lambda: store.load_all(adapter),
+        release_model=lambda: store.release_all(adapter),
+    )
+    transform = model_transform(steps, adapter, context)
     needs_data = [s.name for s in steps if s.needs_calibration]
     if needs_data and calibration is None:
         raise CalibrationError(f"step(s) {', '.join(needs_data)} need calibration data; pass calibration=...")
@@ -242,14 +249,15 @@ def run_pipeline(
     return PipelineResult(state, report, timings, updates)
 
 
-def model_transform(steps: Sequence[Step], adapter: ModelAdapter):
+def model_transform(steps: Sequence[Step], adapter: ModelAdapter, context: TransformContext | None = None):
     """The recipe's whole-model transform (at most one step makes one), checked against the model."""
-    found = [(s.name, t) for s in steps if (t := s.model_transform(adapter)) is not None]
-    if len(found) > 1:
-        raise ValueError(f"a recipe can rotate the model once; steps {[n for n, _ in found]} each do")
-    if found and steps[0].name != found[0][0]:
-        raise ValueError(f"step {found[0][0]!r} transforms the whole model and must come first in the recipe")
-    return found[0][1] if found else None
+    context = context or TransformContext()
+    rotating = [s for s in steps if type(s).model_transform is not Step.model_transform]
+    if len(rotating) > 1:
+        raise ValueError(f"a recipe can rotate the model once; steps {[s.name for s in rotating]} each do")
+    if rotating and steps[0] is not rotating[0]:
+        raise ValueError(f"step {rotating[0].name!r} transforms the whole model and must come first in the recipe")
+    return rotating[0].model_transform(adapter, context) if rotating else None
 
 
 def _quantize_block(

@@ -39,6 +39,12 @@ class InMemoryStore:
     def load_outside(self, adapter: ModelAdapter) -> None:
         pass
 
+    def load_all(self, adapter: ModelAdapter) -> None:
+        pass
+
+    def release_all(self, adapter: ModelAdapter) -> None:
+        pass
+
     def release_outside(self, adapter: ModelAdapter) -> None:
         pass
 
@@ -114,6 +120,16 @@ class StreamingStore:
     @property
     def keeps_codes(self) -> bool:
         return self.layout.packs
+
+    def load_all(self, adapter: ModelAdapter) -> None:
+        """Every weight of the model (for a transform learned on the whole model: SpinQuant)."""
+        self.lazy.materialize(self.lazy.model, "")
+        if getattr(self.lazy.model.config, "tie_word_embeddings", False):
+            self.lazy.model.tie_weights()
+
+    def release_all(self, adapter: ModelAdapter) -> None:
+        self.lazy.release(self.lazy.model)
+        self._transformed.clear()
 
     def load_outside(self, adapter: ModelAdapter) -> None:
         """What runs before the first block (embeddings), for capturing that block's inputs; the
